@@ -1,0 +1,42 @@
+# Every target works on a fresh clone with only Python 3.11 present.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint typecheck unit bench install clean models
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+models/cancer/v1/manifest.json models/cancer/v2/manifest.json: | $(STAMP)
+	$(BIN)/mlproxy demo-models
+
+models: models/cancer/v1/manifest.json models/cancer/v2/manifest.json
+
+run: $(STAMP) models
+	$(BIN)/mlproxy serve --config config.toml
+
+lint: $(STAMP)
+	$(BIN)/ruff check proxy tests bench
+	$(BIN)/ruff format --check proxy tests bench
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+unit: $(STAMP)
+	$(BIN)/pytest
+
+test: lint typecheck unit
+
+bench: $(STAMP) models
+	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
+	$(BIN)/python bench/throughput.py
+
+clean:
+	rm -rf $(VENV) models .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,5 @@
+"""`python -m proxy` is `mlproxy`."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,188 @@
+"""One interface to a model version: a local ONNX model behind a batcher, or a remote V2 server."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import Executor
+from typing import Any, Protocol
+
+import aiohttp
+import numpy as np
+import orjson
+
+from .batching import Batcher
+from .config import BatchingConfig, LimitsConfig, VersionConfig
+from .errors import ModelLoadError, UpstreamError, UpstreamTimeoutError
+from .protocol import TensorSpec, decode_infer_response, encode_infer_request, parse_tensor_specs
+from .repository import OnnxModel
+
+Array = np.ndarray[Any, Any]
+
+
+class Backend(Protocol):
+    """What routing and the app need of a model version, wherever it runs."""
+
+    version: str
+    kind: str
+    input: TensorSpec
+    outputs: tuple[TensorSpec, ...]
+    identity: str  # changes when what is served changes (sha256 for files, url for remotes)
+
+    async def infer(self, x: Array) -> dict[str, Array]: ...
+
+    def metadata(self) -> dict[str, Any]: ...
+
+    async def close(self) -> None: ...
+
+
+class LocalBackend:
+    """An ONNX model version on disk, run by onnxruntime through a micro-batcher."""
+
+    kind = "onnx"
+
+    def __init__(self, version: str, model: OnnxModel, batcher: Batcher) -> None:
+        self.version = version
+        self.model = model
+        self.batcher = batcher
+        self.input = model.input
+        self.outputs = model.outputs
+        self.identity = model.manifest.sha256
+
+    async def infer(self, x: Array) -> dict[str, Array]:
+        return await self.batcher.submit(x)
+
+    def metadata(self) -> dict[str, Any]:
+        m = self.model.manifest
+        return {
+            "platform": "onnxruntime_onnx",
+            "inputs": [{**self.input.to_json(), "features": list(m.features)}],
+            "outputs": [o.to_json() for o in self.outputs],
+            "task": m.task,
+            "sha256": m.sha256,
+            "training_data": m.raw.get("training_data"),
+            "metrics": m.raw.get("metrics"),
+        }
+
+    async def close(self) -> None:
+        await self.batcher.close()
+
+
+class RemoteBackend:
+    """A version served by another Open Inference Protocol server at `url` (.../v2/models/<name>)."""
+
+    kind = "remote"
+
+    def __init__(
+        self, config: VersionConfig, http: aiohttp.ClientSession, meta: dict[str, Any]
+    ) -> None:
+        assert config.url is not None
+        self.version = config.name
+        self.url = config.url
+        self.identity = config.url
+        self._http = http
+        self._timeout_s = config.timeout_ms / 1000.0
+        self._timeout = aiohttp.ClientTimeout(total=self._timeout_s)
+        self._meta = meta
+        try:
+            inputs = parse_tensor_specs(meta.get("inputs"), "inputs")
+            self.outputs = parse_tensor_specs(meta.get("outputs"), "outputs")
+        except ValueError as exc:
+            raise ModelLoadError(
+                f"{self.url}: metadata is not Open Inference Protocol: {exc}"
+            ) from None
+        if len(inputs) != 1 or len(inputs[0].shape) != 2:
+            raise ModelLoadError(
+                f"{self.url}: mlproxy forwards to models with one input of shape [-1, n]"
+            )
+        self.input = inputs[0]
+
+    @classmethod
+    async def create(cls, config: VersionConfig, http: aiohttp.ClientSession) -> RemoteBackend:
+        """Ask the server for the model's metadata; a server that does not answer is refused."""
+        assert config.url is not None
+        try:
+            async with http.get(
+                config.url,
+                timeout=aiohttp.ClientTimeout(total=max(config.timeout_ms / 1000.0, 2.0)),
+            ) as resp:
+                body = await resp.read()
+                if resp.status != 200:
+                    raise ModelLoadError(
+                        f"{config.url}: metadata call answered HTTP {resp.status}: {body[:200]!r}"
+                    )
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise ModelLoadError(f"{config.url}: metadata call failed: {exc!r}") from None
+        try:
+            meta = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise ModelLoadError(f"{config.url}: metadata is not JSON") from None
+        if not isinstance(meta, dict):
+            raise ModelLoadError(f"{config.url}: metadata is not a JSON object")
+        return cls(config, http, meta)
+
+    async def infer(self, x: Array) -> dict[str, Array]:
+        body = encode_infer_request(x, self.input)
+        where = f"version {self.version} at {self.url}"
+        try:
+            async with self._http.post(
+                self.url + "/infer",
+                data=body,
+                timeout=self._timeout,
+                headers={"Content-Type": "application/json"},
+            ) as resp:
+                payload = await resp.read()
+                if resp.status != 200:
+                    raise UpstreamError(
+                        f"{where} answered HTTP {resp.status}: {payload[:300].decode(errors='replace')}"
+                    )
+        except TimeoutError:
+            raise UpstreamTimeoutError(
+                f"{where} did not answer within {self._timeout_s * 1000:.0f} ms"
+            ) from None
+        except aiohttp.ClientError as exc:
+            raise UpstreamError(f"{where} failed: {exc}") from None
+        outputs = decode_infer_response(payload, where)
+        for name, arr in outputs.items():
+            if arr.shape[:1] != x.shape[:1]:
+                raise UpstreamError(
+                    f"{where} answered {arr.shape[0]} rows of {name!r} for {x.shape[0]} rows"
+                )
+        return outputs
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "platform": self._meta.get("platform", "remote"),
+            "url": self.url,
+            "inputs": [self.input.to_json()],
+            "outputs": [o.to_json() for o in self.outputs],
+        }
+
+    async def close(self) -> None:
+        return None
+
+
+async def create_backend(
+    config: VersionConfig,
+    *,
+    executor: Executor,
+    http: aiohttp.ClientSession,
+    batching: BatchingConfig,
+    limits: LimitsConfig,
+    model_name: str,
+) -> Backend:
+    """Load (and warm) one version; ModelLoadError says which file or server is wrong and why."""
+    if config.url is not None:
+        return await RemoteBackend.create(config, http)
+    assert config.path is not None
+    loop = asyncio.get_running_loop()
+    # Loading parses and warms the model: seconds for big ones, so keep it off the event loop.
+    model = await loop.run_in_executor(executor, lambda: OnnxModel(config.path))  # type: ignore[arg-type]
+    batcher = Batcher(
+        model.run,
+        executor=executor,
+        max_batch_size=batching.max_batch_size,
+        max_delay_s=batching.max_delay_ms / 1000.0,
+        queue_timeout_s=limits.queue_timeout_ms / 1000.0,
+        name=f"{model_name}/{config.name}",
+    )
+    return LocalBackend(config.name, model, batcher)

@@ -1,0 +1,148 @@
+"""The `mlproxy` command: serve, check, package, demo-models."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from .config import load_config
+from .errors import ConfigError, ModelLoadError
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvloop
+
+    from .server import serve
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    if config.server.workers != 1:
+        print(
+            f"{config.source}:server.workers: {config.server.workers} is not supported yet;"
+            " this release serves with one process (workers = 1)",
+            file=sys.stderr,
+        )
+        return 1
+    try:
+        uvloop.run(serve(config))
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"mlproxy: cannot listen: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _check_models(config_path: str) -> list[str]:
+    from .app import close_serving, create_serving
+
+    config = load_config(config_path)
+    serving = await create_serving(config)
+    await close_serving(serving)
+    return []
+
+
+def _check(args: argparse.Namespace) -> int:
+    try:
+        asyncio.run(_check_models(args.config))
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    print(f"{args.config}: ok")
+    return 0
+
+
+def _package(args: argparse.Namespace) -> int:
+    import joblib
+    import numpy as np
+
+    from .packaging import package_model
+
+    try:
+        model = joblib.load(args.model)
+        x = np.load(args.train_data, allow_pickle=False)
+        holdout = None
+        if args.holdout_data or args.holdout_labels:
+            if not (args.holdout_data and args.holdout_labels):
+                print(
+                    "mlproxy package: --holdout-data and --holdout-labels go together",
+                    file=sys.stderr,
+                )
+                return 2
+            holdout = (
+                np.load(args.holdout_data, allow_pickle=False),
+                np.load(args.holdout_labels, allow_pickle=False),
+            )
+        names = args.features.split(",") if args.features else None
+        out = package_model(
+            model,
+            x,
+            name=args.name,
+            version=args.version,
+            repo=Path(args.repo),
+            feature_names=names,
+            holdout=holdout,
+        )
+    except (OSError, ValueError, ModelLoadError) as exc:
+        print(f"mlproxy package: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # skl2onnx raises many types for models it cannot convert
+        print(
+            f"mlproxy package: cannot convert {args.model}: {type(exc).__name__}: {exc}",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"wrote {out}/model.onnx and {out}/manifest.json")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .packaging import build_demo_models
+
+    for path in build_demo_models(Path(args.repo)):
+        print(f"wrote {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mlproxy", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="serve the models config.toml names")
+    s.add_argument("--config", default="config.toml")
+    s.set_defaults(func=_serve)
+    c = sub.add_parser("check", help="validate a config and every model it names")
+    c.add_argument("config", nargs="?", default="config.toml")
+    c.set_defaults(func=_check)
+    k = sub.add_parser(
+        "package", help="sklearn joblib model -> models/N/V/model.onnx + manifest.json"
+    )
+    k.add_argument("--model", required=True, help="a fitted sklearn estimator saved with joblib")
+    k.add_argument(
+        "--train-data", required=True, help=".npy of the training rows (baseline statistics)"
+    )
+    k.add_argument("--name", required=True)
+    k.add_argument("--version", required=True)
+    k.add_argument("--repo", default="models")
+    k.add_argument("--features", help="comma-separated feature names (default f0, f1, ...)")
+    k.add_argument("--holdout-data", help=".npy of holdout rows, for the manifest's holdout metric")
+    k.add_argument("--holdout-labels", help=".npy of holdout labels or values")
+    k.set_defaults(func=_package)
+    d = sub.add_parser("demo-models", help="build the demo cancer v1 and v2 into models/")
+    d.add_argument("--repo", default="models")
+    d.set_defaults(func=_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    args = build_parser().parse_args(argv)
+    sys.exit(args.func(args))

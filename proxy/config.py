@@ -1,0 +1,485 @@
+"""config.toml -> a validated, frozen Config; every error names its key and the rule it broke."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from .errors import ConfigError
+
+MODES = ("single", "canary", "shadow", "blue_green")
+Mode = Literal["single", "canary", "shadow", "blue_green"]
+_MISSING = object()
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """[server]: where the data plane listens."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    workers: int = 1
+    max_body_bytes: int = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    """[admin]: the admin API, /metrics and the dashboard."""
+
+    host: str = "127.0.0.1"
+    port: int = 8081
+    token_env: str = "MLPROXY_ADMIN_TOKEN"
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    """[limits]: load shedding."""
+
+    max_inflight: int = 512
+    queue_timeout_ms: float = 100.0
+    adaptive: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class BatchingConfig:
+    """[batching]: the micro-batcher in front of each local ONNX version."""
+
+    max_batch_size: int = 64
+    max_delay_ms: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class AlertsConfig:
+    """[alerts]"""
+
+    webhook: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class VersionConfig:
+    """One version of a model: a local directory (`path`) or a remote server (`url`)."""
+
+    name: str
+    path: Path | None = None
+    url: str | None = None
+    timeout_ms: float = 1000.0
+
+
+@dataclass(frozen=True, slots=True)
+class CanaryConfig:
+    """[models.X.canary]"""
+
+    weights: dict[str, float]
+
+
+@dataclass(frozen=True, slots=True)
+class ShadowConfig:
+    """[models.X.shadow]: the primary answers; mirrors get a copy of `sample` of the requests."""
+
+    primary: str
+    mirrors: tuple[str, ...]
+    sample: float = 1.0
+    queue_rows: int = 1024
+    timeout_ms: float = 1000.0
+    breaker_failures: int = 5
+    breaker_pause_s: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class BlueGreenConfig:
+    """[models.X.blue_green]"""
+
+    blue: str
+    green: str
+    active: Literal["blue", "green"]
+
+    @property
+    def active_version(self) -> str:
+        return self.blue if self.active == "blue" else self.green
+
+    @property
+    def standby_version(self) -> str:
+        return self.green if self.active == "blue" else self.blue
+
+
+@dataclass(frozen=True, slots=True)
+class DriftConfig:
+    """[models.X.drift]"""
+
+    window: int = 2000
+    long_window: int = 50000
+    psi_warn: float = 0.1
+    psi_alert: float = 0.25
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    """[models.X]"""
+
+    name: str
+    mode: Mode
+    stable: str
+    versions: dict[str, VersionConfig]
+    sticky_key: str | None = None
+    canary: CanaryConfig | None = None
+    shadow: ShadowConfig | None = None
+    blue_green: BlueGreenConfig | None = None
+    drift: DriftConfig = field(default_factory=DriftConfig)
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole validated config file."""
+
+    server: ServerConfig
+    admin: AdminConfig
+    limits: LimitsConfig
+    batching: BatchingConfig
+    alerts: AlertsConfig
+    models: dict[str, ModelConfig]
+    source: str = "config.toml"
+    digest: str = ""
+
+
+class _Reader:
+    """Takes keys out of one TOML table, type-checking each, and remembers every problem."""
+
+    def __init__(self, table: Any, key: str, errors: list[str]) -> None:
+        self.key = key
+        self.errors = errors
+        if not isinstance(table, dict):
+            self.error(f"must be a table, not {_kind(table)}")
+            table = {}
+        self.table: dict[str, Any] = dict(table)
+
+    def error(self, reason: str, sub: str | None = None) -> None:
+        where = f"{self.key}.{sub}" if sub else self.key
+        self.errors.append(f"{where}: {reason}")
+
+    def get(self, name: str, kind: str, default: Any = _MISSING) -> Any:
+        if name not in self.table:
+            if default is _MISSING:
+                self.error("is required", name)
+            return None if default is _MISSING else default
+        value = self.table.pop(name)
+        if not _is_kind(value, kind):
+            self.error(f"must be {kind}, not {_kind(value)} {value!r}", name)
+            return None if default is _MISSING else default
+        return float(value) if kind == "a number" else value
+
+    def table_of(self, name: str) -> Any:
+        return self.table.pop(name, None)
+
+    def done(self) -> None:
+        for extra in self.table:
+            self.error("unknown key", extra)
+
+
+def _kind(value: Any) -> str:
+    return {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "an array",
+        dict: "a table",
+    }.get(type(value), type(value).__name__)
+
+
+def _is_kind(value: Any, kind: str) -> bool:
+    if kind == "an integer":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "a number":
+        return (
+            isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        )
+    if kind == "a string":
+        return isinstance(value, str)
+    if kind == "a boolean":
+        return isinstance(value, bool)
+    if kind == "an array":
+        return isinstance(value, list)
+    if kind == "a table":
+        return isinstance(value, dict)
+    raise AssertionError(kind)
+
+
+def parse_config(data: dict[str, Any], *, base_dir: Path, source: str = "config.toml") -> Config:
+    """Validate a parsed TOML document; raise ConfigError listing every problem found."""
+    errors: list[str] = []
+    root = _Reader(data, "", errors)
+    server = _parse_server(_Reader(root.table_of("server") or {}, "server", errors))
+    admin = _parse_admin(_Reader(root.table_of("admin") or {}, "admin", errors))
+    limits = _parse_limits(_Reader(root.table_of("limits") or {}, "limits", errors))
+    batching = _parse_batching(_Reader(root.table_of("batching") or {}, "batching", errors))
+    alerts_r = _Reader(root.table_of("alerts") or {}, "alerts", errors)
+    alerts = AlertsConfig(webhook=alerts_r.get("webhook", "a string", ""))
+    if alerts.webhook and not alerts.webhook.startswith(("http://", "https://")):
+        alerts_r.error(f"must be an http(s) URL or empty, not {alerts.webhook!r}", "webhook")
+    alerts_r.done()
+    models_raw = root.table_of("models")
+    models: dict[str, ModelConfig] = {}
+    if models_raw is None or not isinstance(models_raw, dict) or not models_raw:
+        errors.append("models: at least one [models.<name>] table is required")
+    else:
+        for name, table in models_raw.items():
+            model = _parse_model(name, table, base_dir, errors)
+            if model is not None:
+                models[name] = model
+    for extra in root.table:
+        errors.append(
+            f"{extra}: unknown section (known: server, admin, limits, batching, alerts, models)"
+        )
+    if errors:
+        raise ConfigError(errors, source)
+    return Config(server, admin, limits, batching, alerts, models, source=source)
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a config file; ConfigError names the file, key and reason."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError([f" cannot read file: {exc.strerror or exc}"], str(path)) from exc
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f" not UTF-8 text: {exc}"], str(path)) from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f" invalid TOML: {exc}"], str(path)) from exc
+    config = parse_config(data, base_dir=path.resolve().parent, source=str(path))
+    object.__setattr__(config, "digest", hashlib.sha256(raw).hexdigest())
+    return config
+
+
+def _port(r: _Reader, name: str, default: int) -> int:
+    port: int = r.get(name, "an integer", default)
+    if not 0 <= port <= 65535:
+        r.error(f"must be a port number 0..65535, not {port}", name)
+    return port
+
+
+def _positive(r: _Reader, name: str, kind: str, default: Any, *, allow_zero: bool = False) -> Any:
+    value = r.get(name, kind, default)
+    if value is not None and (value < 0 or (value == 0 and not allow_zero)):
+        r.error(f"must be {'>= 0' if allow_zero else '> 0'}, not {value}", name)
+    return value
+
+
+def _parse_server(r: _Reader) -> ServerConfig:
+    d = ServerConfig()
+    host = r.get("host", "a string", d.host)
+    port = _port(r, "port", d.port)
+    workers = _positive(r, "workers", "an integer", d.workers, allow_zero=True)
+    max_body = _positive(r, "max_body_bytes", "an integer", d.max_body_bytes)
+    r.done()
+    return ServerConfig(host, port, workers, max_body)
+
+
+def _parse_admin(r: _Reader) -> AdminConfig:
+    d = AdminConfig()
+    host = r.get("host", "a string", d.host)
+    port = _port(r, "port", d.port)
+    token_env = r.get("token_env", "a string", d.token_env)
+    r.done()
+    return AdminConfig(host, port, token_env)
+
+
+def _parse_limits(r: _Reader) -> LimitsConfig:
+    d = LimitsConfig()
+    max_inflight = _positive(r, "max_inflight", "an integer", d.max_inflight)
+    queue_timeout = _positive(r, "queue_timeout_ms", "a number", d.queue_timeout_ms)
+    adaptive = r.get("adaptive", "a boolean", d.adaptive)
+    r.done()
+    return LimitsConfig(max_inflight, queue_timeout, adaptive)
+
+
+def _parse_batching(r: _Reader) -> BatchingConfig:
+    d = BatchingConfig()
+    size = _positive(r, "max_batch_size", "an integer", d.max_batch_size)
+    delay = _positive(r, "max_delay_ms", "a number", d.max_delay_ms, allow_zero=True)
+    r.done()
+    return BatchingConfig(size, delay)
+
+
+def _version_ref(
+    r: _Reader, name: str, value: Any, versions: dict[str, VersionConfig], model: str
+) -> bool:
+    if value is None:
+        return False
+    if value not in versions:
+        known = ", ".join(versions) or "none"
+        r.error(f"{value} is not a version of {model} (versions: {known})", name)
+        return False
+    return True
+
+
+def _parse_model(name: str, table: Any, base_dir: Path, errors: list[str]) -> ModelConfig | None:
+    key = f"models.{name}"
+    r = _Reader(table, key, errors)
+    n_errors = len(errors)
+    if not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+        r.error("a model name may hold only letters, digits, '-', '_' and '.'")
+    mode = r.get("mode", "a string", "single")
+    if mode not in MODES:
+        r.error(f"must be one of {', '.join(MODES)}, not {mode!r}", "mode")
+    stable = r.get("stable", "a string")
+    sticky_key = r.get("sticky_key", "a string", None)
+    versions = _parse_versions(r.table_of("versions"), f"{key}.versions", base_dir, errors)
+    if stable is not None and versions:
+        _version_ref(r, "stable", stable, versions, name)
+
+    canary = shadow = blue_green = None
+    raw = r.table_of("canary")
+    if raw is not None:
+        canary = _parse_canary(_Reader(raw, f"{key}.canary", errors), versions, name)
+    raw = r.table_of("shadow")
+    if raw is not None:
+        shadow = _parse_shadow(_Reader(raw, f"{key}.shadow", errors), versions, name)
+    raw = r.table_of("blue_green")
+    if raw is not None:
+        blue_green = _parse_blue_green(_Reader(raw, f"{key}.blue_green", errors), versions, name)
+    raw = r.table_of("drift")
+    drift = _parse_drift(_Reader(raw if raw is not None else {}, f"{key}.drift", errors))
+    r.done()
+
+    needed = {"canary": canary, "shadow": shadow, "blue_green": blue_green}
+    if mode in needed and needed[mode] is None and len(errors) == n_errors:
+        r.error(f'mode = "{mode}" needs a [{key}.{mode}] table', "mode")
+    if len(errors) > n_errors:
+        return None
+    return ModelConfig(
+        name=name,
+        mode=mode,
+        stable=stable,
+        versions=versions,
+        sticky_key=sticky_key.lower() if sticky_key else None,
+        canary=canary,
+        shadow=shadow,
+        blue_green=blue_green,
+        drift=drift,
+    )
+
+
+def _parse_versions(
+    raw: Any, key: str, base_dir: Path, errors: list[str]
+) -> dict[str, VersionConfig]:
+    if raw is None:
+        errors.append(f"{key}: is required (at least one version)")
+        return {}
+    r = _Reader(raw, key, errors)
+    versions: dict[str, VersionConfig] = {}
+    for vname in list(r.table):
+        vr = _Reader(r.table.pop(vname), f"{key}.{vname}", errors)
+        path = vr.get("path", "a string", None)
+        url = vr.get("url", "a string", None)
+        timeout = _positive(vr, "timeout_ms", "a number", 1000.0)
+        vr.done()
+        if (path is None) == (url is None):
+            vr.error("needs exactly one of path (a local model directory) or url (a remote server)")
+            continue
+        if url is not None and not url.startswith(("http://", "https://")):
+            vr.error(f"must be an http(s) URL, not {url!r}", "url")
+            continue
+        resolved = None if path is None else (base_dir / path)
+        versions[vname] = VersionConfig(vname, resolved, url.rstrip("/") if url else None, timeout)
+    if not versions and not raw:
+        errors.append(f"{key}: at least one version is required")
+    return versions
+
+
+def _parse_canary(
+    r: _Reader, versions: dict[str, VersionConfig], model: str
+) -> CanaryConfig | None:
+    raw = r.get("weights", "a table")
+    for later in ("steps", "step_interval_s", "gates"):
+        if later in r.table:
+            r.table.pop(later)
+            r.error("progressive rollout is not implemented in this release; remove the key", later)
+    r.done()
+    if raw is None:
+        return None
+    weights: dict[str, float] = {}
+    for vname, w in raw.items():
+        if not _version_ref(r, "weights", vname, versions, model):
+            continue
+        if not _is_kind(w, "a number") or w < 0:
+            r.error(f"{vname} must be a non-negative number, not {w!r}", "weights")
+            continue
+        weights[vname] = float(w)
+    if len(weights) == len(raw) and sum(weights.values()) <= 0:
+        r.error("at least one weight must be > 0", "weights")
+        return None
+    return CanaryConfig(weights)
+
+
+def _parse_shadow(
+    r: _Reader, versions: dict[str, VersionConfig], model: str
+) -> ShadowConfig | None:
+    d = ShadowConfig("", ())
+    primary = r.get("primary", "a string")
+    mirrors = r.get("mirrors", "an array")
+    sample = r.get("sample", "a number", d.sample)
+    queue_rows = _positive(r, "queue_rows", "an integer", d.queue_rows)
+    timeout = _positive(r, "timeout_ms", "a number", d.timeout_ms)
+    failures = _positive(r, "breaker_failures", "an integer", d.breaker_failures)
+    pause = _positive(r, "breaker_pause_s", "a number", d.breaker_pause_s, allow_zero=True)
+    r.done()
+    ok = _version_ref(r, "primary", primary, versions, model)
+    if sample is not None and not 0.0 <= sample <= 1.0:
+        r.error(f"must be a fraction in 0..1, not {sample}", "sample")
+        ok = False
+    if mirrors is None:
+        return None
+    for m in mirrors:
+        if not isinstance(m, str):
+            r.error(f"must list version names, not {m!r}", "mirrors")
+            ok = False
+        elif not _version_ref(r, "mirrors", m, versions, model):
+            ok = False
+        elif m == primary:
+            r.error(f"{m} is the primary; a version cannot mirror itself", "mirrors")
+            ok = False
+    if len(set(mirrors)) != len(mirrors):
+        r.error("lists a version twice", "mirrors")
+        ok = False
+    if not ok:
+        return None
+    return ShadowConfig(primary, tuple(mirrors), sample, queue_rows, timeout, failures, pause)
+
+
+def _parse_blue_green(
+    r: _Reader, versions: dict[str, VersionConfig], model: str
+) -> BlueGreenConfig | None:
+    blue = r.get("blue", "a string")
+    green = r.get("green", "a string")
+    active = r.get("active", "a string", "blue")
+    r.done()
+    ok = _version_ref(r, "blue", blue, versions, model)
+    ok = _version_ref(r, "green", green, versions, model) and ok
+    if active not in ("blue", "green"):
+        r.error(f'must be "blue" or "green", not {active!r}', "active")
+        ok = False
+    if ok and blue == green:
+        r.error(f"blue and green are both {blue}; they must be two versions", "green")
+        ok = False
+    return BlueGreenConfig(blue, green, active) if ok else None
+
+
+def _parse_drift(r: _Reader) -> DriftConfig:
+    d = DriftConfig()
+    window = _positive(r, "window", "an integer", d.window)
+    long_window = _positive(r, "long_window", "an integer", d.long_window)
+    warn = _positive(r, "psi_warn", "a number", d.psi_warn)
+    alert = _positive(r, "psi_alert", "a number", d.psi_alert)
+    r.done()
+    if window and long_window and long_window < window:
+        r.error(f"must be >= window ({window}), not {long_window}", "long_window")
+    if warn and alert and alert < warn:
+        r.error(f"must be >= psi_warn ({warn}), not {alert}", "psi_alert")
+    return DriftConfig(window, long_window, warn, alert)

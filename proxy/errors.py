@@ -1,0 +1,108 @@
+"""One error hierarchy: every error carries the HTTP status a client sees."""
+
+from __future__ import annotations
+
+
+class ProxyError(Exception):
+    """Base of every error mlproxy answers a client with; `status` is the HTTP status."""
+
+    status = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def headers(self) -> dict[str, str]:
+        return {}
+
+
+class InvalidInputError(ProxyError):
+    """The request body or its tensors break a rule of the protocol or of the model's schema."""
+
+    status = 400
+
+
+class NotFoundError(ProxyError):
+    """No such route."""
+
+    status = 404
+
+
+class ModelNotFoundError(ProxyError):
+    """The model, or the version of it, is not served."""
+
+    status = 404
+
+    def __init__(self, name: str, version: str | None = None, known: list[str] | None = None):
+        if version is None:
+            what = f"model {name!r} is not served"
+        else:
+            what = f"model {name!r} has no version {version!r}"
+        if known is not None:
+            what += f" (served: {', '.join(known) if known else 'none'})"
+        super().__init__(what)
+        self.name = name
+        self.version = version
+
+
+class MethodNotAllowedError(ProxyError):
+    """The path exists but not for this HTTP method."""
+
+    status = 405
+
+    def __init__(self, method: str, path: str, allowed: tuple[str, ...]) -> None:
+        super().__init__(f"{method} is not allowed on {path} (allowed: {', '.join(allowed)})")
+        self.allowed = allowed
+
+    def headers(self) -> dict[str, str]:
+        return {"Allow": ", ".join(self.allowed)}
+
+
+class PayloadTooLargeError(ProxyError):
+    """The body is larger than `server.max_body_bytes`."""
+
+    status = 413
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"request body is larger than the limit of {limit} bytes (server.max_body_bytes)"
+        )
+        self.limit = limit
+
+
+class OverloadedError(ProxyError):
+    """The proxy sheds this request to protect the ones it is serving; retry later."""
+
+    status = 503
+
+    def __init__(self, reason: str, retry_after_s: int = 1) -> None:
+        super().__init__(f"overloaded: {reason}; retry after {retry_after_s} s")
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
+
+
+class UpstreamError(ProxyError):
+    """A remote inference server or a model run failed."""
+
+    status = 502
+
+
+class UpstreamTimeoutError(ProxyError):
+    """A remote inference server did not answer in time."""
+
+    status = 504
+
+
+class ModelLoadError(Exception):
+    """A model version on disk (or a remote one) cannot be served; the message names the file."""
+
+
+class ConfigError(Exception):
+    """A config failed validation; `errors` holds one `key: reason` line per problem."""
+
+    def __init__(self, errors: list[str], source: str = "config") -> None:
+        self.errors = errors
+        self.source = source
+        super().__init__("\n".join(f"{source}:{e}" for e in errors))

@@ -1,0 +1,1 @@
+"""Monitoring: streaming statistics per model version (pure numpy) and their Prometheus export."""

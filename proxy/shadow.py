@@ -1,0 +1,157 @@
+"""Shadow traffic: mirrored rows go to a mirror version in batches, never in the primary's way."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Callable
+from time import perf_counter
+from typing import Any
+
+import numpy as np
+
+from .backends import Backend
+from .monitor.stats import MirrorStats, compare_outputs
+
+Array = np.ndarray[Any, Any]
+log = logging.getLogger("mlproxy.shadow")
+
+
+class MirrorLane:
+    """Feeds one mirror version: a bounded queue of rows, one batch in flight, a circuit breaker.
+
+    `offer` is synchronous and O(1): the primary's request appends its rows and its answer and
+    goes on; when the queue holds `queue_rows` rows, new rows are dropped and counted. A worker
+    task drains the queue in batches of up to `max_batch_rows`, one batch in flight at a time,
+    and compares the mirror's answers with the primary's. After `breaker_failures` failed or
+    timed-out batches in a row the lane drops everything for `breaker_pause_s` seconds.
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        stats: MirrorStats,
+        *,
+        queue_rows: int,
+        max_batch_rows: int,
+        timeout_s: float,
+        breaker_failures: int,
+        breaker_pause_s: float,
+        clock: Callable[[], float],
+    ) -> None:
+        self.backend = backend
+        self.stats = stats
+        self.queue_rows = queue_rows
+        self.max_batch_rows = max_batch_rows
+        self.timeout_s = timeout_s
+        self.breaker_failures = breaker_failures
+        self.breaker_pause_s = breaker_pause_s
+        self._clock = clock
+        self._queue: deque[tuple[Array, dict[str, Array]]] = deque()
+        self._queued_rows = 0
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._consecutive_failures = 0
+        self._open_until = -1.0
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def breaker_open(self) -> bool:
+        return self._clock() < self._open_until
+
+    @property
+    def queued_rows(self) -> int:
+        return self._queued_rows
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(
+                self._work(), name=f"mirror-{self.backend.version}"
+            )
+
+    def offer(self, x: Array, primary: dict[str, Array]) -> None:
+        n = x.shape[0]
+        if self._open_until >= 0 and self.breaker_open:
+            self.stats.dropped += n
+            return
+        if self._queued_rows + n > self.queue_rows:
+            self.stats.dropped += n
+            return
+        self._queue.append((x, primary))
+        self._queued_rows += n
+        self.stats.sent += n
+        self._idle.clear()
+        self._wake.set()
+
+    async def drained(self) -> None:
+        """Wait until every offered row has been run (or failed); for tests and shutdown."""
+        await self._idle.wait()
+
+    async def _work(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._queue:
+                # Let pending primary requests run first: mirrors take what CPU is left.
+                await asyncio.sleep(0)
+                await self._run_batch()
+            self._idle.set()
+
+    def _take_batch(self) -> tuple[Array, list[dict[str, Array]]]:
+        xs: list[Array] = []
+        answers: list[dict[str, Array]] = []
+        rows = 0
+        while self._queue and (not xs or rows + self._queue[0][0].shape[0] <= self.max_batch_rows):
+            x, primary = self._queue.popleft()
+            self._queued_rows -= x.shape[0]
+            rows += x.shape[0]
+            xs.append(x)
+            answers.append(primary)
+        return (xs[0] if len(xs) == 1 else np.concatenate(xs)), answers
+
+    async def _run_batch(self) -> None:
+        x, answers = self._take_batch()
+        n = x.shape[0]
+        if self.breaker_open:
+            self.stats.dropped += n
+            return
+        start = perf_counter()
+        try:
+            out = await asyncio.wait_for(self.backend.infer(x), timeout=self.timeout_s)
+        except Exception as exc:  # a failed mirror is counted, never raised into serving
+            self.stats.failed += n
+            self._consecutive_failures += 1
+            if self._consecutive_failures >= self.breaker_failures:
+                self._open_until = self._clock() + self.breaker_pause_s
+                self.stats.breaker_opened += 1
+                dropped = self._queued_rows
+                self._queue.clear()
+                self._queued_rows = 0
+                self.stats.dropped += dropped
+                log.warning(
+                    "mirror %s paused for %.1f s after %d failed batches in a row (last: %r)",
+                    self.backend.version,
+                    self.breaker_pause_s,
+                    self._consecutive_failures,
+                    exc,
+                )
+            return
+        self._consecutive_failures = 0
+        self.stats.latency.observe(perf_counter() - start)
+        primary = (
+            answers[0]
+            if len(answers) == 1
+            else {k: np.concatenate([a[k] for a in answers]) for k in answers[0]}
+        )
+        compare_outputs(primary, out, self.stats)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        self._idle.set()
