@@ -58,6 +58,7 @@ class Batcher:
         queue_timeout_s: float,
         max_runs: int = 2,
         name: str = "model",
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self._run = run
         self._executor = executor
@@ -66,6 +67,7 @@ class Batcher:
         self.queue_timeout_s = queue_timeout_s
         self.max_runs = max_runs
         self.name = name
+        self._clock = clock
         self._pending: deque[_Waiter] = deque()
         self._pending_rows = 0
         self._in_flight = 0
@@ -90,7 +92,7 @@ class Batcher:
         if self._closed:
             raise UpstreamError(f"{self.name} is shutting down")
         fut: asyncio.Future[dict[str, Array]] = loop.create_future()
-        self._pending.append(_Waiter(x, fut, loop.time()))
+        self._pending.append(_Waiter(x, fut, (self._clock or loop.time)()))
         self._pending_rows += x.shape[0]
         if self._in_flight == 0:
             if not self._scheduled:
@@ -122,7 +124,7 @@ class Batcher:
             self._timer.cancel()
             self._timer = None
         loop = asyncio.get_running_loop()
-        now = loop.time()
+        now = (self._clock or loop.time)()
         batch: list[_Waiter] = []
         rows = 0
         while self._pending:

@@ -1,0 +1,146 @@
+"""The micro-batcher, driven by its step function and futures (real numpy work, no sleeps)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import pytest
+
+from proxy.batching import Batcher
+from proxy.errors import OverloadedError, UpstreamError
+
+
+class Recorder:
+    """A model function that records each batch it gets; it can be held to let a queue build."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.batches: list[int] = []
+        self.hold = threading.Event()
+        self.hold.set()
+        self.fail = fail
+
+    def __call__(self, x: np.ndarray[Any, Any]) -> dict[str, np.ndarray[Any, Any]]:
+        self.hold.wait(timeout=10)
+        self.batches.append(x.shape[0])
+        if self.fail:
+            raise RuntimeError("model exploded")
+        return {"double": x * 2, "sum": x.sum(axis=1)}
+
+
+@pytest.fixture
+def executor() -> Any:
+    ex = ThreadPoolExecutor(max_workers=2)
+    yield ex
+    ex.shutdown(wait=True)
+
+
+def make(run: Any, executor: Any, **kw: Any) -> Batcher:
+    args = {"max_batch_size": 8, "max_delay_s": 10.0, "queue_timeout_s": 10.0, "max_runs": 1}
+    args.update(kw)
+    return Batcher(run, executor=executor, **args)
+
+
+async def test_lone_request_runs_at_once(executor: Any) -> None:
+    rec = Recorder()
+    b = make(rec, executor)
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    out = await asyncio.wait_for(b.submit(x), timeout=5)
+    np.testing.assert_array_equal(out["double"], x * 2)
+    assert rec.batches == [2]
+
+
+async def test_requests_queued_behind_a_run_share_the_next_and_get_their_own_rows(
+    executor: Any,
+) -> None:
+    rec = Recorder()
+    b = make(rec, executor)
+    rec.hold.clear()
+    first = b.submit(np.zeros((1, 3), dtype=np.float32))
+    b.flush()  # dispatch the first; it is held inside the model
+    xs = [np.full((k, 3), k, dtype=np.float32) for k in (1, 2, 3)]
+    futs = [b.submit(x) for x in xs]
+    assert b.queue_depth == 3
+    rec.hold.set()
+    await asyncio.wait_for(first, timeout=5)
+    outs = await asyncio.wait_for(asyncio.gather(*futs), timeout=5)
+    assert rec.batches == [1, 6]  # the three waiting requests went in one run
+    for x, out in zip(xs, outs, strict=True):
+        np.testing.assert_array_equal(out["double"], x * 2)
+        np.testing.assert_array_equal(out["sum"], x.sum(axis=1))
+
+
+async def test_batches_respect_max_batch_size(executor: Any) -> None:
+    rec = Recorder()
+    b = make(rec, executor, max_batch_size=4)
+    rec.hold.clear()
+    futs = [b.submit(np.ones((1, 2), dtype=np.float32)) for _ in range(10)]
+    b.flush()
+    rec.hold.set()
+    await asyncio.wait_for(asyncio.gather(*futs), timeout=5)
+    assert rec.batches == [4, 4, 2]
+    big = await asyncio.wait_for(b.submit(np.ones((9, 2), dtype=np.float32)), timeout=5)
+    assert big["double"].shape == (9, 2)  # a request larger than a batch runs alone, whole
+
+
+async def test_failed_batch_fails_every_waiter(executor: Any) -> None:
+    rec = Recorder(fail=True)
+    b = make(rec, executor)
+    futs = [b.submit(np.ones((1, 2), dtype=np.float32)) for _ in range(3)]
+    results = await asyncio.wait_for(asyncio.gather(*futs, return_exceptions=True), timeout=5)
+    assert all(isinstance(r, UpstreamError) and "model exploded" in str(r) for r in results)
+    assert b.stats.failed_batches == 1
+
+
+async def test_request_that_waited_too_long_is_shed(executor: Any) -> None:
+    rec = Recorder()
+    now = [100.0]
+    b = make(rec, executor, queue_timeout_s=0.5, clock=lambda: now[0])
+    rec.hold.clear()
+    first = b.submit(np.ones((1, 2), dtype=np.float32))
+    b.flush()
+    late = b.submit(np.ones((1, 2), dtype=np.float32))
+    now[0] += 0.6  # the run in flight took 600 ms
+    on_time = b.submit(np.ones((1, 2), dtype=np.float32))
+    rec.hold.set()
+    await asyncio.wait_for(first, timeout=5)
+    with pytest.raises(OverloadedError, match="queue wait 600 ms exceeded"):
+        await asyncio.wait_for(late, timeout=5)
+    await asyncio.wait_for(on_time, timeout=5)
+    assert b.stats.shed == 1 and rec.batches == [1, 1]
+
+
+async def test_slow_run_lets_a_second_run_start_after_max_delay(executor: Any) -> None:
+    rec = Recorder()
+    b = make(rec, executor, max_runs=2, max_delay_s=0.0)
+    rec.hold.clear()
+    first = b.submit(np.ones((1, 2), dtype=np.float32))
+    b.flush()
+    second = b.submit(np.ones((2, 2), dtype=np.float32))
+    # the delay timer (0 s) dispatches the second while the first is still held
+    for _ in range(1000):
+        if b.in_flight == 2:
+            break
+        await asyncio.sleep(0)
+    assert b.in_flight == 2 and b.queue_depth == 0
+    rec.hold.set()
+    await asyncio.wait_for(asyncio.gather(first, second), timeout=5)
+    assert sorted(rec.batches) == [1, 2]
+
+
+async def test_close_fails_queued_requests(executor: Any) -> None:
+    rec = Recorder()
+    b = make(rec, executor)
+    rec.hold.clear()
+    first = b.submit(np.ones((1, 2), dtype=np.float32))
+    b.flush()
+    queued = b.submit(np.ones((1, 2), dtype=np.float32))
+    closing = asyncio.ensure_future(b.close())
+    with pytest.raises(UpstreamError, match="shutting down"):
+        await asyncio.wait_for(queued, timeout=5)
+    rec.hold.set()
+    await asyncio.wait_for(closing, timeout=5)
+    await first

@@ -1,0 +1,114 @@
+"""The mlproxy command as an operator runs it: check, and serve in a real process."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import orjson
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write(
+    tmp_path: Path,
+    model_repo: Path,
+    *,
+    port: int = 0,
+    admin: int = 0,
+    weights: str = "v1 = 90, v2 = 10",
+) -> Path:
+    text = (ROOT / "config.toml").read_text()
+    text = text.replace('"models/cancer/', f'"{model_repo}/cancer/')
+    text = text.replace("port = 8080", f"port = {port}").replace("port = 8081", f"port = {admin}")
+    text = text.replace("weights = { v1 = 90, v2 = 10 }", f"weights = {{ {weights} }}")
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    return path
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_check_accepts_a_good_config(tmp_path: Path, model_repo: Path) -> None:
+    done = run("check", str(write(tmp_path, model_repo)))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith(": ok")
+
+
+def test_check_prints_each_error_as_file_key_reason(tmp_path: Path, repo: Path) -> None:
+    path = write(tmp_path, repo, weights="v1 = 90, v3 = 10")
+    done = run("check", str(path))
+    assert done.returncode == 1
+    assert (
+        f"{path}:models.cancer.canary.weights: v3 is not a version of cancer (versions: v1, v2)"
+        in done.stderr
+    )
+    # a corrupt model file is caught by check too, naming the version key and the file
+    path = write(tmp_path, repo)
+    (repo / "cancer" / "v2" / "model.onnx").write_bytes(b"corrupt")
+    done = run("check", str(path))
+    assert done.returncode == 1
+    assert (
+        f"{path}:models.cancer.versions.v2: {repo}/cancer/v2/model.onnx: sha256 is" in done.stderr
+    )
+
+
+def _get(url: str, body: bytes | None = None) -> tuple[int, dict[str, str], bytes]:
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return resp.status, dict(resp.headers), resp.read()
+
+
+def test_serve_answers_and_stops_cleanly_on_sigterm(
+    tmp_path: Path, model_repo: Path, cancer_rows: object
+) -> None:
+    port, admin = free_port(), free_port()
+    path = write(tmp_path, model_repo, port=port, admin=admin)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "proxy", "serve", "--config", str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:  # poll readiness with a deadline
+            try:
+                if _get(f"http://127.0.0.1:{port}/v2/health/ready")[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            if time.monotonic() > deadline:
+                pytest.fail("server did not become ready in 30 s")
+            time.sleep(0.05)
+        row = cancer_rows[0].tolist()  # type: ignore[index]
+        body = orjson.dumps(
+            {"inputs": [{"name": "input", "shape": [1, 30], "datatype": "FP32", "data": row}]}
+        )
+        status, headers, payload = _get(f"http://127.0.0.1:{port}/v2/models/cancer/infer", body)
+        assert status == 200 and headers["x-model-version"] in ("v1", "v2")
+        assert orjson.loads(payload)["outputs"][0]["data"] in ([0], [1])
+        status, _, payload = _get(f"http://127.0.0.1:{admin}/admin/status")
+        assert orjson.loads(payload)["models"]["cancer"]["mode"] == "canary"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    assert "stopped" in out

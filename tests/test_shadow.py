@@ -1,0 +1,156 @@
+"""Shadow mode: the primary answers alone; mirrors are compared, bounded, and never in the way."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from proxy.app import close_serving, create_serving
+
+from .conftest import infer_body, model_section, reference
+from .upstream import start_upstream
+
+
+def shadow_config(
+    model_repo: Path, *, mirror: str = "v2", url: str | None = None, extra: str = ""
+) -> str:
+    versions = {
+        "v1": f'{{ path = "{model_repo}/cancer/v1" }}',
+        "v2": f'{{ path = "{model_repo}/cancer/v2" }}',
+    }
+    if url is not None:
+        versions["v3"] = f'{{ url = "{url}" }}'
+    section = model_section(mode="shadow", repo=model_repo, versions=versions)
+    return (
+        section
+        + f'[models.cancer.shadow]\nprimary = "v1"\nmirrors = ["{mirror}"]\nsample = 1.0\n{extra}'
+    )
+
+
+async def test_local_mirror_is_compared_with_the_primary(
+    start: Any, write_config: Any, model_repo: Path, cancer_rows: Any
+) -> None:
+    client, serving = await start(write_config(shadow_config(model_repo)))
+    rows = cancer_rows[:300]
+    for i in range(0, 300, 3):
+        resp = await client.post("/v2/models/cancer/infer", json=infer_body(rows[i : i + 3]))
+        assert resp.status == 200 and resp.headers["x-model-version"] == "v1"
+    mp = serving.plan.models["cancer"]
+    await asyncio.wait_for(mp.lanes["v2"].drained(), timeout=10)
+    m = mp.stats["v2"].mirror
+    assert m.sent == 300 and m.dropped == 0 and m.failed == 0 and m.compared == 300
+    v1, v2 = reference(model_repo, "v1", rows), reference(model_repo, "v2", rows)
+    assert m.agreement() == pytest.approx(float(np.mean(v1["label"] == v2["label"])))
+    assert m.mean_abs_diff() == pytest.approx(
+        float(np.mean(np.abs(v1["probabilities"] - v2["probabilities"]))), rel=1e-5
+    )
+    assert mp.stats["v2"].requests == 0  # a mirror never answers a client
+
+
+@pytest.fixture
+async def gated(aiohttp_raw_server: Any, write_config: Any, model_repo: Path) -> Any:
+    serving = await create_serving(
+        write_config(model_section(repo=model_repo, stable="v2")), rng=random.Random(0)
+    )
+    up, server, url = await start_upstream(aiohttp_raw_server, serving)
+    yield up, server, url
+    up.gate.set()
+    await close_serving(serving)
+
+
+async def test_slow_mirror_costs_the_primary_nothing(
+    start: Any, write_config: Any, model_repo: Path, gated: Any, cancer_rows: Any
+) -> None:
+    up, _, url = gated
+    config = write_config(
+        shadow_config(
+            model_repo, mirror="v3", url=url, extra="queue_rows = 16\ntimeout_ms = 60000\n"
+        )
+    )
+    client, serving = await start(config)
+    up.gate.clear()  # the mirror takes as long as the test wants: it answers nothing until released
+    rows = cancer_rows[:50]
+    want = reference(model_repo, "v1", rows)
+    for i in range(50):
+        resp = await client.post("/v2/models/cancer/infer", json=infer_body(rows[i : i + 1]))
+        assert resp.status == 200 and resp.headers["x-model-version"] == "v1"
+        doc = await resp.json()
+        assert doc["outputs"][0]["data"] == [int(want["label"][i])]
+    # every primary answer came back while the mirror was still holding its first batch
+    assert up.received >= 1 and up.answered == 0
+    m = serving.plan.models["cancer"].stats["v3"].mirror
+    assert m.sent + m.dropped == 50
+    assert m.dropped > 0 and serving.plan.models["cancer"].lanes["v3"].queued_rows <= 16
+    up.gate.set()
+    await asyncio.wait_for(serving.plan.models["cancer"].lanes["v3"].drained(), timeout=10)
+    assert m.compared == m.sent and m.failed == 0
+    v2 = reference(model_repo, "v2", rows)
+    assert 0.8 <= m.agreement() <= 1.0  # v1 and v2 agree on most rows
+    assert float(np.mean(want["label"] == v2["label"])) >= 0.8
+
+
+async def test_dead_mirror_trips_the_breaker(
+    start: Any, write_config: Any, model_repo: Path, gated: Any, cancer_rows: Any
+) -> None:
+    _, server, url = gated
+    extra = "breaker_failures = 3\nbreaker_pause_s = 3600\ntimeout_ms = 200\n"
+    client, serving = await start(
+        write_config(shadow_config(model_repo, mirror="v3", url=url, extra=extra))
+    )
+    await server.close()  # the mirror dies after the proxy loaded it
+    lane = serving.plan.models["cancer"].lanes["v3"]
+    m = serving.plan.models["cancer"].stats["v3"].mirror
+    for i in range(400):
+        resp = await client.post("/v2/models/cancer/infer", json=infer_body(cancer_rows[i : i + 1]))
+        assert resp.status == 200 and resp.headers["x-model-version"] == "v1"
+        if lane.breaker_open:
+            break
+        await asyncio.wait_for(lane.drained(), timeout=10)  # one failed batch per request
+    assert lane.breaker_open, (m.failed, m.sent)
+    assert m.breaker_opened == 1 and m.failed == 3
+    before = m.dropped
+    for i in range(20):
+        resp = await client.post("/v2/models/cancer/infer", json=infer_body(cancer_rows[i : i + 1]))
+        assert resp.status == 200
+    assert m.dropped == before + 20  # while open, mirrored rows are dropped at once
+
+
+async def test_mirror_that_times_out_is_counted_not_raised(
+    start: Any, write_config: Any, model_repo: Path, gated: Any, cancer_rows: Any
+) -> None:
+    up, _, url = gated
+    extra = "breaker_failures = 100\ntimeout_ms = 50\n"
+    client, serving = await start(
+        write_config(shadow_config(model_repo, mirror="v3", url=url, extra=extra))
+    )
+    up.gate.clear()
+    lane = serving.plan.models["cancer"].lanes["v3"]
+    resp = await client.post("/v2/models/cancer/infer", json=infer_body(cancer_rows[:2]))
+    assert resp.status == 200
+    await asyncio.wait_for(lane.drained(), timeout=10)
+    m = serving.plan.models["cancer"].stats["v3"].mirror
+    assert (
+        m.failed == 2 and m.compared == 0 and serving.plan.models["cancer"].stats["v1"].errors == 0
+    )
+
+
+async def test_sample_fraction_is_mirrored(
+    start: Any, write_config: Any, model_repo: Path, cancer_rows: Any
+) -> None:
+    config = write_config(shadow_config(model_repo).replace("sample = 1.0", "sample = 0.2"))
+    client, serving = await start(config, seed=11)
+    n = 1000
+    for i in range(n):
+        await client.post(
+            "/v2/models/cancer/infer", json=infer_body(cancer_rows[i % 500 : i % 500 + 1])
+        )
+    mp = serving.plan.models["cancer"]
+    await asyncio.wait_for(mp.lanes["v2"].drained(), timeout=10)
+    m = mp.stats["v2"].mirror
+    sigma = (n * 0.2 * 0.8) ** 0.5  # binomial: 12.6
+    assert abs(m.sent + m.dropped - n * 0.2) <= 3 * sigma
