@@ -6,14 +6,15 @@ What is measured (every server on CPU core 0, every load generator on core 1, al
   numpy and replying a fixed body. The HTTP + JSON ceiling of one core.
 * ``inline-onnx``: bench/bare_server.py --mode inline: the same, running
   models/cancer/v1/model.onnx inline per request (onnxruntime, one thread). The baseline.
-* ``single``, ``canary``, ``shadow``: ``mlproxy serve`` with models.cancer in mode "single" (v1),
-  "canary" (v1 90 / v2 10) and "shadow" (v1 answers, every request mirrored to v2), with
-  [limits] max_inflight = 4096 and the rest of config.toml as it is.
+* ``single``, ``canary``, ``shadow``: ``mlproxy serve`` (run as ``python -m proxy serve`` from
+  the repository root, so this checkout's code is measured) with models.cancer in mode
+  "single" (v1), "canary" (v1 90 / v2 10) and "shadow" (v1 answers, every request mirrored to
+  v2), with [limits] max_inflight = 4096 and the rest of config.toml as it is.
 
 Load:
 
-* closed loop, 64 connections: ``wrk --latency -t1 -c64`` with bench/infer.lua's POSTs of real
-  breast-cancer rows: requests/s, p50 and p99 for all five servers.
+* closed loop, 64 connections: ``wrk --latency -t1 -c64`` with a generated Lua script POSTing real
+  breast-cancer rows (8, in turn): requests/s, p50 and p99 for all five servers.
 * closed loop, 1 connection (``-t1 -c1``): p50 of inline-onnx and single (the proxy's own
   overhead on an idle server).
 * open loop at a fixed rate of half of single's 64-connection requests/s: p50 of single and
@@ -240,7 +241,11 @@ class Server:
     def admin_status(self) -> dict[str, Any] | None:
         if self.spec.kind != "mlproxy":
             return None
-        status, body = http("GET", f"http://127.0.0.1:{self.admin_port}{STATUS_PATH}")
+        try:
+            status, body = http("GET", f"http://127.0.0.1:{self.admin_port}{STATUS_PATH}")
+        except OSError as exc:
+            warn(f"{self.spec.name}: {STATUS_PATH} failed: {exc!r}")
+            return None
         if status != 200:
             warn(f"{self.spec.name}: {STATUS_PATH} answered HTTP {status}: {body[:200]!r}")
             return None
@@ -249,24 +254,29 @@ class Server:
 
 
 def wait_ready(server: Server, deadline_s: float) -> None:
-    """Poll GET /v2/health/ready until it answers 200, the process dies, or the deadline."""
-    url = server.base + READY_PATH
+    """Poll GET /v2/health/ready (and mlproxy's admin port) until 200, exit, or the deadline."""
+    urls = [server.base + READY_PATH]
+    if server.spec.kind == "mlproxy":
+        urls.append(f"http://127.0.0.1:{server.admin_port}{STATUS_PATH}")
     deadline = time.monotonic() + deadline_s
     last = "no answer yet"
-    while time.monotonic() < deadline:
+    while urls and time.monotonic() < deadline:
         if server.proc.poll() is not None:
             raise RuntimeError(
                 f"{server.spec.name} exited with {server.proc.returncode} before it was ready;"
                 f" its log:\n{server.log_tail()}"
             )
         try:
-            status, _ = http("GET", url, timeout=1.0)
+            status, _ = http("GET", urls[0], timeout=1.0)
             if status == 200:
-                return
-            last = f"HTTP {status}"
+                urls.pop(0)
+                continue
+            last = f"{urls[0]}: HTTP {status}"
         except OSError as exc:
-            last = repr(exc)
+            last = f"{urls[0]}: {exc!r}"
         time.sleep(0.05)  # poll interval, bounded by the deadline
+    if not urls:
+        return
     raise RuntimeError(
         f"{server.spec.name} not ready after {deadline_s:.0f} s ({last}); its log:\n"
         f"{server.log_tail()}"
@@ -466,8 +476,8 @@ def batching_summary(before: dict[str, Any] | None, after: dict[str, Any] | None
 def format_summary(name: str, phase: str, summary: dict[str, Any]) -> list[str]:
     lines = []
     for v, s in summary.items():
-        if v.startswith("_"):
-            continue
+        if v.startswith("_") or not (s["requests"] or s["batches"] or s["mirror_sent"]):
+            continue  # a version this mode does not use
         line = (
             f"- {name} / {v} ({phase}): {s['requests']} requests answered,"
             f" {s['batches']} batches, mean {s['mean_rows_per_batch']} rows/batch"
@@ -617,10 +627,13 @@ def floor_checks(figures: list[Figure], open_rate: float | None, open_label: str
 
 
 def environment(args: argparse.Namespace) -> dict[str, Any]:
-    import aiohttp
-    import numpy
-    import onnxruntime
-    import uvloop
+    from importlib.metadata import PackageNotFoundError, version
+
+    def pkg(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return ""
 
     def run(cmd: list[str]) -> str:
         try:
@@ -644,11 +657,11 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
         "server_cpu": args.server_cpu,
         "load_cpu": args.load_cpu,
         "python": platform.python_version(),
-        "aiohttp": aiohttp.__version__,
-        "onnxruntime": onnxruntime.__version__,
-        "numpy": numpy.__version__,
-        "orjson": orjson.__version__,
-        "uvloop": uvloop.__version__,
+        "aiohttp": pkg("aiohttp"),
+        "onnxruntime": pkg("onnxruntime"),
+        "numpy": pkg("numpy"),
+        "orjson": pkg("orjson"),
+        "uvloop": pkg("uvloop"),
         "wrk": (run(["wrk", "-v"]).splitlines() or [""])[0],
     }
 
@@ -658,7 +671,9 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
 
 def server_specs() -> list[ServerSpec]:
     py = sys.executable
-    mlproxy = str(Path(py).parent / "mlproxy")
+    # `python -m proxy` (from the repository root) is the `mlproxy` command, run from this
+    # checkout's proxy/ whatever the state of the venv's install of it.
+    mlproxy = [py, "-m", "proxy"]
     onnx = str(MODELS / "v1" / "model.onnx")
 
     def bare(mode: str) -> Callable[[int, int, Path], list[str]]:
@@ -672,7 +687,7 @@ def server_specs() -> list[ServerSpec]:
         def cmd(port: int, admin: int, tmp: Path) -> list[str]:
             path = tmp / f"config-{mode}.toml"
             path.write_text(mlproxy_config(mode, port, admin))
-            return [mlproxy, "serve", "--config", str(path)]
+            return [*mlproxy, "serve", "--config", str(path)]
 
         return cmd
 
@@ -699,8 +714,8 @@ def preflight(args: argparse.Namespace) -> None:
     for v in ("v1", "v2"):
         if not (MODELS / v / "model.onnx").is_file():
             problems.append(f"{MODELS / v} has no model: run `.venv/bin/mlproxy demo-models`")
-    if not (Path(sys.executable).parent / "mlproxy").is_file():
-        problems.append(f"no mlproxy next to {sys.executable}: run it with .venv/bin/python")
+    if not (ROOT / "proxy" / "__main__.py").is_file():
+        problems.append(f"{ROOT / 'proxy'} is not the mlproxy package")
     if problems:
         sys.exit("bench/throughput.py cannot run:\n  " + "\n  ".join(problems))
 
@@ -751,6 +766,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                             f"   1 conn, run {i + 1}/{args.runs}: {r['rps']:,.0f} req/s,"
                             f" p50 {r['p50_ms']:.3f} ms, p99 {r['p99_ms']:.3f} ms"
                         )
+                before_open = srv.admin_status()
                 if spec.name == "single":
                     single_rps = fig("single", "c64").median("rps") or 0.0
                     open_target = single_rps / 2
@@ -778,6 +794,11 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 if spec.kind == "mlproxy":
                     diagnostics[spec.name] = {
                         "c64": batching_summary(before, after_c64),
+                        "open": (
+                            batching_summary(before_open, end)
+                            if (spec.name, "open") in figures
+                            else {}
+                        ),
                         "all": batching_summary(None, end),
                         "status_end": end,
                     }
@@ -897,11 +918,12 @@ def main(argv: list[str] | None = None) -> int:
     for name, d in m["diagnostics"].items():
         for line in format_summary(name, "64-conn runs", d["c64"]):
             print(line)
-    shadow = m["diagnostics"].get("shadow")
-    if shadow:
-        print("\n### shadow, whole session (warm-up, 64 conns and open loop)\n")
-        for line in format_summary("shadow", "whole session", shadow["all"]):
-            print(line)
+    open_phase = {k: d["open"] for k, d in m["diagnostics"].items() if d.get("open")}
+    if open_phase:
+        print("\n### mlproxy counters (/admin/status, during the open-loop runs)\n")
+        for name, summary in open_phase.items():
+            for line in format_summary(name, "open-loop runs", summary):
+                print(line)
     for f in figures:
         if f.total("non_2xx") or f.total("socket_errors") or f.total("errors"):
             warn(
