@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from time import perf_counter
 from typing import Any
@@ -28,6 +27,7 @@ from .errors import (
 from .plan import ModelPlan, Plan, StatsBook, close_plan, create_plan, start_plan
 from .protocol import BINARY_HEADER, encode_infer_response, parse_infer_request
 from .routing import Route
+from .runner import Runners
 
 log = logging.getLogger("mlproxy")
 JSON = "application/json"
@@ -40,7 +40,7 @@ class Serving:
 
     plan: Plan
     stats: StatsBook
-    executor: ThreadPoolExecutor
+    runners: Runners
     http: aiohttp.ClientSession
     rng: random.Random = field(default_factory=random.Random)
     inflight: int = 0
@@ -55,24 +55,24 @@ class Serving:
 async def create_serving(
     config: Config, *, rng: random.Random | None = None, onnx_threads: int = 2
 ) -> Serving:
-    """Build the executor, the shared HTTP client and the first plan; the caller closes it."""
-    executor = ThreadPoolExecutor(max_workers=onnx_threads, thread_name_prefix="onnx")
+    """Build the run threads, the shared HTTP client and the first plan; the caller closes it."""
+    runners = Runners.create(onnx_threads)
     http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256))
     stats = StatsBook()
     try:
-        plan = await create_plan(config, executor=executor, http=http, stats=stats)
+        plan = await create_plan(config, runners=runners, http=http, stats=stats)
     except BaseException:
         await http.close()
-        executor.shutdown(wait=False)
+        runners.close()
         raise
     start_plan(plan)
-    return Serving(plan, stats, executor, http, rng or random.Random())
+    return Serving(plan, stats, runners, http, rng or random.Random())
 
 
 async def close_serving(serving: Serving) -> None:
     await close_plan(serving.plan)
     await serving.http.close()
-    serving.executor.shutdown(wait=True)
+    serving.runners.close()
 
 
 def _json(doc: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:

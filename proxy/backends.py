@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from concurrent.futures import Executor
 from typing import Any, Protocol
 
 import aiohttp
@@ -15,6 +14,7 @@ from .config import BatchingConfig, LimitsConfig, VersionConfig
 from .errors import ModelLoadError, UpstreamError, UpstreamTimeoutError
 from .protocol import TensorSpec, decode_infer_response, encode_infer_request, parse_tensor_specs
 from .repository import OnnxModel
+from .runner import Runners
 
 Array = np.ndarray[Any, Any]
 
@@ -28,7 +28,7 @@ class Backend(Protocol):
     outputs: tuple[TensorSpec, ...]
     identity: str  # changes when what is served changes (sha256 for files, url for remotes)
 
-    async def infer(self, x: Array) -> dict[str, Array]: ...
+    async def infer(self, x: Array, *, background: bool = False) -> dict[str, Array]: ...
 
     def metadata(self) -> dict[str, Any]: ...
 
@@ -40,15 +40,20 @@ class LocalBackend:
 
     kind = "onnx"
 
-    def __init__(self, version: str, model: OnnxModel, batcher: Batcher) -> None:
+    def __init__(self, version: str, model: OnnxModel, batcher: Batcher, runners: Runners) -> None:
         self.version = version
         self.model = model
         self.batcher = batcher
+        self._runners = runners
         self.input = model.input
         self.outputs = model.outputs
         self.identity = model.manifest.sha256
 
-    async def infer(self, x: Array) -> dict[str, Array]:
+    async def infer(self, x: Array, *, background: bool = False) -> dict[str, Array]:
+        """Serving requests go through the batcher; background work (already batched by its
+        caller) runs on the low-priority thread so it never delays a serving run."""
+        if background:
+            return await self._runners.background.submit(self.model.run, x)
         return await self.batcher.submit(x)
 
     def metadata(self) -> dict[str, Any]:
@@ -120,7 +125,7 @@ class RemoteBackend:
             raise ModelLoadError(f"{config.url}: metadata is not a JSON object")
         return cls(config, http, meta)
 
-    async def infer(self, x: Array) -> dict[str, Array]:
+    async def infer(self, x: Array, *, background: bool = False) -> dict[str, Array]:
         body = encode_infer_request(x, self.input)
         where = f"version {self.version} at {self.url}"
         try:
@@ -164,7 +169,7 @@ class RemoteBackend:
 async def create_backend(
     config: VersionConfig,
     *,
-    executor: Executor,
+    runners: Runners,
     http: aiohttp.ClientSession,
     batching: BatchingConfig,
     limits: LimitsConfig,
@@ -176,13 +181,15 @@ async def create_backend(
     assert config.path is not None
     loop = asyncio.get_running_loop()
     # Loading parses and warms the model: seconds for big ones, so keep it off the event loop.
-    model = await loop.run_in_executor(executor, lambda: OnnxModel(config.path))  # type: ignore[arg-type]
+    path = config.path
+    model = await loop.run_in_executor(None, lambda: OnnxModel(path))
     batcher = Batcher(
         model.run,
-        executor=executor,
+        runner=runners.serving,
         max_batch_size=batching.max_batch_size,
         max_delay_s=batching.max_delay_ms / 1000.0,
+        inline_max_s=batching.inline_max_us / 1e6,
         queue_timeout_s=limits.queue_timeout_ms / 1000.0,
         name=f"{model_name}/{config.name}",
     )
-    return LocalBackend(config.name, model, batcher)
+    return LocalBackend(config.name, model, batcher, runners)

@@ -5,16 +5,18 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from time import perf_counter
 from typing import Any
 
 import numpy as np
 
 from .errors import OverloadedError, UpstreamError
+from .runner import Runner
 
 Array = np.ndarray[Any, Any]
 RunFn = Callable[[Array], dict[str, Array]]
+COST_SMOOTHING = 0.1  # weight of the newest run in the moving average of the cost per row
 
 
 @dataclass(slots=True)
@@ -26,45 +28,55 @@ class _Waiter:
 
 @dataclass(slots=True)
 class BatchStats:
-    """What the batcher did, for metrics: batches, rows, queue waits shed."""
+    """What the batcher did, for metrics: runs, rows, where they ran, requests shed."""
 
     batches: int = 0
     rows: int = 0
+    inline_batches: int = 0
     shed: int = 0
     failed_batches: int = 0
     max_batch_rows: int = 0
     last_wait_s: float = 0.0
+    cost_per_row_s: float | None = None
     batch_rows_hist: dict[int, int] = field(default_factory=dict)
 
 
 class Batcher:
-    """Merges concurrent requests into one run, off the event loop, and splits the results back.
+    """Merges concurrent requests into one run and splits the results back.
 
-    No timer sits in the common path: when nothing is running, a request is dispatched on the
-    next loop iteration (so requests parsed in the same iteration share a run); while a run is
-    in flight, new requests queue and go together in the next run when it ends. If a run takes
-    longer than `max_delay_s`, queued requests start a second, concurrent run (up to
-    `max_runs`) instead of waiting for it. Requests that waited longer than `queue_timeout_s`
-    are shed with OverloadedError instead of being run late.
+    No timer sits in the common path. When nothing is running, the first request schedules a
+    dispatch at the end of the current loop iteration, so every request parsed in the same
+    iteration joins it, and a lone request waits for no clock. While a run is in flight on a
+    thread, new requests queue and go together when it ends. If that run takes longer than
+    `max_delay_s`, queued requests start a second, concurrent run (up to `max_runs`).
+
+    Where a run goes: a thread (`runner`), unless the version's measured cost for this many rows
+    is below `inline_max_s`; then it runs on the event loop, because handing it to a thread and
+    back costs more (30-90 us measured on the 2-core benchmark box) than the run itself
+    (7 us for one row of the demo logistic regression). A slow model never runs inline.
+
+    Requests that waited longer than `queue_timeout_s` are shed with OverloadedError.
     """
 
     def __init__(
         self,
         run: RunFn,
         *,
-        executor: Executor | None,
+        runner: Runner,
         max_batch_size: int,
         max_delay_s: float,
         queue_timeout_s: float,
+        inline_max_s: float = 0.0,
         max_runs: int = 2,
         name: str = "model",
         clock: Callable[[], float] | None = None,
     ) -> None:
         self._run = run
-        self._executor = executor
+        self._runner = runner
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
         self.queue_timeout_s = queue_timeout_s
+        self.inline_max_s = inline_max_s
         self.max_runs = max_runs
         self.name = name
         self._clock = clock
@@ -104,9 +116,6 @@ class Batcher:
             elif self._timer is None:
                 self._timer = loop.call_later(self.max_delay_s, self._timer_flush)
         return fut
-
-    async def infer(self, x: Array) -> dict[str, Array]:
-        return await self.submit(x)
 
     def _scheduled_flush(self) -> None:
         self._scheduled = False
@@ -153,11 +162,37 @@ class Batcher:
         self._idle.clear()
         self.stats.last_wait_s = now - batch[0].enqueued
         x = batch[0].x if len(batch) == 1 else np.concatenate([w.x for w in batch])
-        task = loop.run_in_executor(self._executor, self._run, x)
-        task.add_done_callback(lambda t: self._finish(t, batch, rows))
+        cost = self.stats.cost_per_row_s
+        if cost is not None and cost * rows <= self.inline_max_s:
+            self.stats.inline_batches += 1
+            try:
+                outputs = self._timed_run(x)
+            except Exception as exc:  # a failed run fails its requests, never the loop
+                self._finish(None, exc, batch, rows)
+            else:
+                self._finish(outputs, None, batch, rows)
+            return
+        self._runner.call(
+            self._timed_run, x, lambda result, exc: self._finish(result, exc, batch, rows)
+        )
+
+    def _timed_run(self, x: Array) -> dict[str, Array]:
+        start = perf_counter()
+        outputs = self._run(x)
+        per_row = (perf_counter() - start) / x.shape[0]
+        old = self.stats.cost_per_row_s
+        # A float store is atomic under the GIL; a lost update between threads only delays the average.
+        self.stats.cost_per_row_s = (
+            per_row if old is None else old + COST_SMOOTHING * (per_row - old)
+        )
+        return outputs
 
     def _finish(
-        self, task: asyncio.Future[dict[str, Array]], batch: list[_Waiter], rows: int
+        self,
+        outputs: dict[str, Array] | None,
+        exc: BaseException | None,
+        batch: list[_Waiter],
+        rows: int,
     ) -> None:
         self._in_flight -= 1
         if self._in_flight == 0:
@@ -167,15 +202,13 @@ class Batcher:
         st.rows += rows
         st.max_batch_rows = max(st.max_batch_rows, rows)
         st.batch_rows_hist[rows] = st.batch_rows_hist.get(rows, 0) + 1
-        exc = task.exception()
-        if exc is not None:
+        if exc is not None or outputs is None:
             st.failed_batches += 1
             err = UpstreamError(f"{self.name} failed to run a batch of {rows} rows: {exc}")
             for w in batch:
                 if not w.future.done():
                     w.future.set_exception(err)
         else:
-            outputs = task.result()
             start = 0
             for w in batch:
                 n = w.x.shape[0]
@@ -185,7 +218,7 @@ class Batcher:
                     else:
                         w.future.set_result({k: v[start : start + n] for k, v in outputs.items()})
                 start += n
-        if self._pending and not self._closed:
+        if self._pending and not self._closed and self._in_flight < self.max_runs:
             self.flush()
 
     async def close(self) -> None:

@@ -50,6 +50,7 @@ class BatchingConfig:
 
     max_batch_size: int = 64
     max_delay_ms: float = 1.0
+    inline_max_us: float = 50.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -303,8 +304,9 @@ def _parse_batching(r: _Reader) -> BatchingConfig:
     d = BatchingConfig()
     size = _positive(r, "max_batch_size", "an integer", d.max_batch_size)
     delay = _positive(r, "max_delay_ms", "a number", d.max_delay_ms, allow_zero=True)
+    inline = _positive(r, "inline_max_us", "a number", d.inline_max_us, allow_zero=True)
     r.done()
-    return BatchingConfig(size, delay)
+    return BatchingConfig(size, delay, inline)
 
 
 def _version_ref(

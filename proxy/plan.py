@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -15,6 +14,7 @@ from .config import Config, ModelConfig
 from .errors import ConfigError, ModelLoadError
 from .monitor.stats import VersionStats
 from .routing import Strategy, create_strategy
+from .runner import Runners
 from .shadow import MirrorLane
 
 
@@ -62,7 +62,7 @@ class Plan:
 async def create_plan(
     config: Config,
     *,
-    executor: Executor,
+    runners: Runners,
     http: aiohttp.ClientSession,
     stats: StatsBook,
     clock: Callable[[], float] | None = None,
@@ -78,7 +78,7 @@ async def create_plan(
             jobs.append(
                 create_backend(
                     vc,
-                    executor=executor,
+                    runners=runners,
                     http=http,
                     batching=config.batching,
                     limits=config.limits,

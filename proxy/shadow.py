@@ -17,6 +17,7 @@ from .monitor.stats import MirrorStats, compare_outputs
 
 Array = np.ndarray[Any, Any]
 log = logging.getLogger("mlproxy.shadow")
+LINGER_S = 0.005  # a mirror batch waits this long to fill up: mirrors are not latency-bound
 
 
 class MirrorLane:
@@ -25,7 +26,10 @@ class MirrorLane:
     `offer` is synchronous and O(1): the primary's request appends its rows and its answer and
     goes on; when the queue holds `queue_rows` rows, new rows are dropped and counted. A worker
     task drains the queue in batches of up to `max_batch_rows`, one batch in flight at a time,
-    and compares the mirror's answers with the primary's. After `breaker_failures` failed or
+    and compares the mirror's answers with the primary's. A batch that is not full waits up to
+    `linger_s` for more rows, so that under steady traffic the mirror costs one run (and one
+    comparison) per `max_batch_rows` requests rather than one per request; its runs go to the
+    low-priority background thread. After `breaker_failures` failed or
     timed-out batches in a row the lane drops everything for `breaker_pause_s` seconds.
     """
 
@@ -40,6 +44,7 @@ class MirrorLane:
         breaker_failures: int,
         breaker_pause_s: float,
         clock: Callable[[], float],
+        linger_s: float = LINGER_S,
     ) -> None:
         self.backend = backend
         self.stats = stats
@@ -49,6 +54,8 @@ class MirrorLane:
         self.breaker_failures = breaker_failures
         self.breaker_pause_s = breaker_pause_s
         self._clock = clock
+        self.linger_s = linger_s
+        self._full = asyncio.Event()
         self._queue: deque[tuple[Array, dict[str, Array]]] = deque()
         self._queued_rows = 0
         self._wake = asyncio.Event()
@@ -83,6 +90,8 @@ class MirrorLane:
         self._queue.append((x, primary))
         self._queued_rows += n
         self.stats.sent += n
+        if self._queued_rows >= self.max_batch_rows:
+            self._full.set()
         self._idle.clear()
         self._wake.set()
 
@@ -95,8 +104,11 @@ class MirrorLane:
             await self._wake.wait()
             self._wake.clear()
             while self._queue:
-                # Let pending primary requests run first: mirrors take what CPU is left.
-                await asyncio.sleep(0)
+                if self._queued_rows < self.max_batch_rows and self.linger_s > 0:
+                    self._full.clear()
+                    timer = asyncio.get_running_loop().call_later(self.linger_s, self._full.set)
+                    await self._full.wait()
+                    timer.cancel()
                 await self._run_batch()
             self._idle.set()
 
@@ -120,7 +132,9 @@ class MirrorLane:
             return
         start = perf_counter()
         try:
-            out = await asyncio.wait_for(self.backend.infer(x), timeout=self.timeout_s)
+            out = await asyncio.wait_for(
+                self.backend.infer(x, background=True), timeout=self.timeout_s
+            )
         except Exception as exc:  # a failed mirror is counted, never raised into serving
             self.stats.failed += n
             self._consecutive_failures += 1

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -12,6 +11,7 @@ import pytest
 
 from proxy.batching import Batcher
 from proxy.errors import OverloadedError, UpstreamError
+from proxy.runner import Runner
 
 
 class Recorder:
@@ -32,21 +32,21 @@ class Recorder:
 
 
 @pytest.fixture
-def executor() -> Any:
-    ex = ThreadPoolExecutor(max_workers=2)
-    yield ex
-    ex.shutdown(wait=True)
+def runner() -> Any:
+    runner = Runner(2, name="test")
+    yield runner
+    runner.close()
 
 
-def make(run: Any, executor: Any, **kw: Any) -> Batcher:
+def make(run: Any, runner: Any, **kw: Any) -> Batcher:
     args = {"max_batch_size": 8, "max_delay_s": 10.0, "queue_timeout_s": 10.0, "max_runs": 1}
     args.update(kw)
-    return Batcher(run, executor=executor, **args)
+    return Batcher(run, runner=runner, **args)
 
 
-async def test_lone_request_runs_at_once(executor: Any) -> None:
+async def test_lone_request_runs_at_once(runner: Any) -> None:
     rec = Recorder()
-    b = make(rec, executor)
+    b = make(rec, runner)
     x = np.arange(6, dtype=np.float32).reshape(2, 3)
     out = await asyncio.wait_for(b.submit(x), timeout=5)
     np.testing.assert_array_equal(out["double"], x * 2)
@@ -54,13 +54,13 @@ async def test_lone_request_runs_at_once(executor: Any) -> None:
 
 
 async def test_requests_queued_behind_a_run_share_the_next_and_get_their_own_rows(
-    executor: Any,
+    runner: Any,
 ) -> None:
     rec = Recorder()
-    b = make(rec, executor)
+    b = make(rec, runner)
     rec.hold.clear()
     first = b.submit(np.zeros((1, 3), dtype=np.float32))
-    b.flush()  # dispatch the first; it is held inside the model
+    b.flush()  # the step function: dispatch the first now; it is held inside the model
     xs = [np.full((k, 3), k, dtype=np.float32) for k in (1, 2, 3)]
     futs = [b.submit(x) for x in xs]
     assert b.queue_depth == 3
@@ -73,32 +73,31 @@ async def test_requests_queued_behind_a_run_share_the_next_and_get_their_own_row
         np.testing.assert_array_equal(out["sum"], x.sum(axis=1))
 
 
-async def test_batches_respect_max_batch_size(executor: Any) -> None:
+async def test_batches_respect_max_batch_size(runner: Any) -> None:
     rec = Recorder()
-    b = make(rec, executor, max_batch_size=4)
+    b = make(rec, runner, max_batch_size=4)
     rec.hold.clear()
     futs = [b.submit(np.ones((1, 2), dtype=np.float32)) for _ in range(10)]
-    b.flush()
     rec.hold.set()
     await asyncio.wait_for(asyncio.gather(*futs), timeout=5)
-    assert rec.batches == [4, 4, 2]
+    assert rec.batches == [4, 4, 2]  # all ten queued in one loop iteration
     big = await asyncio.wait_for(b.submit(np.ones((9, 2), dtype=np.float32)), timeout=5)
     assert big["double"].shape == (9, 2)  # a request larger than a batch runs alone, whole
 
 
-async def test_failed_batch_fails_every_waiter(executor: Any) -> None:
+async def test_failed_batch_fails_every_waiter(runner: Any) -> None:
     rec = Recorder(fail=True)
-    b = make(rec, executor)
+    b = make(rec, runner)
     futs = [b.submit(np.ones((1, 2), dtype=np.float32)) for _ in range(3)]
     results = await asyncio.wait_for(asyncio.gather(*futs, return_exceptions=True), timeout=5)
     assert all(isinstance(r, UpstreamError) and "model exploded" in str(r) for r in results)
     assert b.stats.failed_batches == 1
 
 
-async def test_request_that_waited_too_long_is_shed(executor: Any) -> None:
+async def test_request_that_waited_too_long_is_shed(runner: Any) -> None:
     rec = Recorder()
     now = [100.0]
-    b = make(rec, executor, queue_timeout_s=0.5, clock=lambda: now[0])
+    b = make(rec, runner, queue_timeout_s=0.5, clock=lambda: now[0])
     rec.hold.clear()
     first = b.submit(np.ones((1, 2), dtype=np.float32))
     b.flush()
@@ -113,9 +112,9 @@ async def test_request_that_waited_too_long_is_shed(executor: Any) -> None:
     assert b.stats.shed == 1 and rec.batches == [1, 1]
 
 
-async def test_slow_run_lets_a_second_run_start_after_max_delay(executor: Any) -> None:
+async def test_slow_run_lets_a_second_run_start_after_max_delay(runner: Any) -> None:
     rec = Recorder()
-    b = make(rec, executor, max_runs=2, max_delay_s=0.0)
+    b = make(rec, runner, max_runs=2, max_delay_s=0.0)
     rec.hold.clear()
     first = b.submit(np.ones((1, 2), dtype=np.float32))
     b.flush()
@@ -131,9 +130,9 @@ async def test_slow_run_lets_a_second_run_start_after_max_delay(executor: Any) -
     assert sorted(rec.batches) == [1, 2]
 
 
-async def test_close_fails_queued_requests(executor: Any) -> None:
+async def test_close_fails_queued_requests(runner: Any) -> None:
     rec = Recorder()
-    b = make(rec, executor)
+    b = make(rec, runner)
     rec.hold.clear()
     first = b.submit(np.ones((1, 2), dtype=np.float32))
     b.flush()
@@ -144,3 +143,22 @@ async def test_close_fails_queued_requests(executor: Any) -> None:
     rec.hold.set()
     await asyncio.wait_for(closing, timeout=5)
     await first
+
+
+async def test_cheap_runs_go_inline_and_slow_ones_to_a_thread(runner: Any) -> None:
+    main = threading.get_ident()
+    threads: list[int] = []
+
+    def run(x: np.ndarray[Any, Any]) -> dict[str, np.ndarray[Any, Any]]:
+        threads.append(threading.get_ident())
+        return {"y": x}
+
+    b = make(run, runner, inline_max_s=1.0)  # any measured cost is below a second
+    for _ in range(3):
+        await asyncio.wait_for(b.submit(np.ones((1, 2), dtype=np.float32)), timeout=5)
+    assert threads[0] != main  # cost unknown: the first run goes to a thread
+    assert threads[1:] == [main, main]  # then it is known to be cheap: inline
+    assert b.stats.inline_batches == 2
+    b.inline_max_s = 0.0  # nothing is cheap enough: every run on a thread
+    await asyncio.wait_for(b.submit(np.ones((1, 2), dtype=np.float32)), timeout=5)
+    assert threads[3] != main
