@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
@@ -75,11 +78,15 @@ def _get(url: str, body: bytes | None = None) -> tuple[int, dict[str, str], byte
         return resp.status, dict(resp.headers), resp.read()
 
 
-def test_serve_answers_and_stops_cleanly_on_sigterm(
-    tmp_path: Path, model_repo: Path, cancer_rows: object
-) -> None:
-    port, admin = free_port(), free_port()
-    path = write(tmp_path, model_repo, port=port, admin=admin)
+@dataclass
+class Served:
+    proc: subprocess.Popen[str]
+    output: str = ""
+
+
+@contextlib.contextmanager
+def serve_process(path: Path, port: int) -> Iterator[Served]:
+    """`mlproxy serve` in a real process, ready when the block starts, SIGTERMed after it."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "proxy", "serve", "--config", str(path)],
         stdout=subprocess.PIPE,
@@ -94,10 +101,26 @@ def test_serve_answers_and_stops_cleanly_on_sigterm(
                     break
             except OSError:
                 pass
-            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            if proc.poll() is not None:
+                pytest.fail(f"server exited: {proc.stdout.read() if proc.stdout else ''}")
             if time.monotonic() > deadline:
                 pytest.fail("server did not become ready in 30 s")
             time.sleep(0.05)
+        served = Served(proc)
+        yield served
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    served.output = out
+
+
+def test_serve_answers_and_stops_cleanly_on_sigterm(
+    tmp_path: Path, model_repo: Path, cancer_rows: object
+) -> None:
+    port, admin = free_port(), free_port()
+    path = write(tmp_path, model_repo, port=port, admin=admin)
+    with serve_process(path, port) as served:
         row = cancer_rows[0].tolist()  # type: ignore[index]
         body = orjson.dumps(
             {"inputs": [{"name": "input", "shape": [1, 30], "datatype": "FP32", "data": row}]}
@@ -107,8 +130,40 @@ def test_serve_answers_and_stops_cleanly_on_sigterm(
         assert orjson.loads(payload)["outputs"][0]["data"] in ([0], [1])
         status, _, payload = _get(f"http://127.0.0.1:{admin}/admin/status")
         assert orjson.loads(payload)["models"]["cancer"]["mode"] == "canary"
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=30)
-    assert proc.returncode == 0, out
-    assert "stopped" in out
+    assert served.proc.returncode == 0, served.output
+    assert "stopped" in served.output
+
+
+def test_locustfile_runs_against_a_live_proxy(tmp_path: Path, model_repo: Path) -> None:
+    """The shipped locustfile, headless for a few seconds, gets no failures."""
+    port, admin = free_port(), free_port()
+    path = write(tmp_path, model_repo, port=port, admin=admin)
+    locust = str(Path(sys.executable).parent / "locust")
+    with serve_process(path, port):
+        done = subprocess.run(
+            [
+                locust,
+                "-f",
+                str(ROOT / "bench" / "locustfile.py"),
+                "--host",
+                f"http://127.0.0.1:{port}",
+                "--headless",
+                "-u",
+                "10",
+                "-r",
+                "10",
+                "-t",
+                "3s",
+                "--only-summary",
+                "--csv",
+                str(tmp_path / "run"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=tmp_path,
+        )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    stats = (tmp_path / "run_stats.csv").read_text().splitlines()
+    total = next(line for line in stats if ",Aggregated," in line).split(",")
+    assert int(total[2]) > 0 and int(total[3]) == 0, total  # requests, failures
