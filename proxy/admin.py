@@ -51,6 +51,12 @@ def status(serving: Serving) -> dict[str, Any]:
                     "batches": bs.batches,
                     "mean_rows": round(bs.rows / bs.batches, 2) if bs.batches else None,
                     "max_rows": bs.max_batch_rows,
+                    "inline_batches": bs.inline_batches,
+                    "run_cost_us": {
+                        f"{1 << k}-{(2 << k) - 1}": round(c * 1e6, 1)
+                        for k, c in enumerate(bs.run_cost_s)
+                        if c is not None
+                    },
                     "queue_depth": backend.batcher.queue_depth,
                     "shed": bs.shed,
                 }

@@ -6,7 +6,7 @@ import asyncio
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from time import perf_counter
+from time import thread_time
 from typing import Any
 
 import numpy as np
@@ -16,7 +16,12 @@ from .runner import Runner
 
 Array = np.ndarray[Any, Any]
 RunFn = Callable[[Array], dict[str, Array]]
-COST_SMOOTHING = 0.1  # weight of the newest run in the moving average of the cost per row
+COST_SMOOTHING = 0.1  # weight of the newest run in the moving average of a run's cost
+SIZE_CLASSES = 8  # batch sizes 1, 2-3, 4-7, ..., 64-127, 128+: a run's cost is mostly fixed
+
+
+def size_class(rows: int) -> int:
+    return min(rows.bit_length() - 1, SIZE_CLASSES - 1)
 
 
 @dataclass(slots=True)
@@ -37,7 +42,7 @@ class BatchStats:
     failed_batches: int = 0
     max_batch_rows: int = 0
     last_wait_s: float = 0.0
-    cost_per_row_s: float | None = None
+    run_cost_s: list[float | None] = field(default_factory=lambda: [None] * SIZE_CLASSES)
     batch_rows_hist: dict[int, int] = field(default_factory=dict)
 
 
@@ -50,10 +55,12 @@ class Batcher:
     thread, new requests queue and go together when it ends. If that run takes longer than
     `max_delay_s`, queued requests start a second, concurrent run (up to `max_runs`).
 
-    Where a run goes: a thread (`runner`), unless the version's measured cost for this many rows
-    is below `inline_max_s`; then it runs on the event loop, because handing it to a thread and
-    back costs more (30-90 us measured on the 2-core benchmark box) than the run itself
-    (7 us for one row of the demo logistic regression). A slow model never runs inline.
+    Where a run goes: a thread (`runner`), unless the version's measured cost for batches of
+    this size (a moving average per power-of-two size class, in thread CPU time) is below
+    `inline_max_s`; then it runs on the event loop, because handing it to a thread and back
+    costs more (30-90 us measured on the 2-core benchmark box) than the run itself (7-30 us for
+    up to 64 rows of the demo logistic regression). The first run of each size class goes to a
+    thread, where it is measured; a slow model never runs inline.
 
     Requests that waited longer than `queue_timeout_s` are shed with OverloadedError.
     """
@@ -162,8 +169,8 @@ class Batcher:
         self._idle.clear()
         self.stats.last_wait_s = now - batch[0].enqueued
         x = batch[0].x if len(batch) == 1 else np.concatenate([w.x for w in batch])
-        cost = self.stats.cost_per_row_s
-        if cost is not None and cost * rows <= self.inline_max_s:
+        cost = self.stats.run_cost_s[size_class(rows)]
+        if cost is not None and cost <= self.inline_max_s:
             self.stats.inline_batches += 1
             try:
                 outputs = self._timed_run(x)
@@ -177,14 +184,16 @@ class Batcher:
         )
 
     def _timed_run(self, x: Array) -> dict[str, Array]:
-        start = perf_counter()
+        # CPU time of this thread, not wall time: a run preempted by the event loop must not
+        # look slow, or a cheap model would be kept off the loop by its own measurement.
+        start = thread_time()
         outputs = self._run(x)
-        per_row = (perf_counter() - start) / x.shape[0]
-        old = self.stats.cost_per_row_s
-        # A float store is atomic under the GIL; a lost update between threads only delays the average.
-        self.stats.cost_per_row_s = (
-            per_row if old is None else old + COST_SMOOTHING * (per_row - old)
-        )
+        cost = thread_time() - start
+        costs = self.stats.run_cost_s
+        k = size_class(x.shape[0])
+        old = costs[k]
+        # A list store is atomic under the GIL; a lost update between threads only delays the average.
+        costs[k] = cost if old is None else old + COST_SMOOTHING * (cost - old)
         return outputs
 
     def _finish(
