@@ -15,7 +15,7 @@ from .errors import ConfigError, ModelLoadError
 from .monitor.stats import VersionStats
 from .routing import Strategy, create_strategy
 from .runner import Runners
-from .shadow import MirrorLane
+from .shadow import MIRROR_BATCH_ROWS, MirrorLane
 
 
 class StatsBook:
@@ -117,7 +117,7 @@ async def create_plan(
                     backends[m],
                     mp.stats[m].mirror,
                     queue_rows=s.queue_rows,
-                    max_batch_rows=config.batching.max_batch_size,
+                    max_batch_rows=max(MIRROR_BATCH_ROWS, config.batching.max_batch_size),
                     timeout_s=s.timeout_ms / 1000.0,
                     breaker_failures=s.breaker_failures,
                     breaker_pause_s=s.breaker_pause_s,

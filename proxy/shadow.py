@@ -17,7 +17,10 @@ from .monitor.stats import MirrorStats, compare_outputs
 
 Array = np.ndarray[Any, Any]
 log = logging.getLogger("mlproxy.shadow")
-LINGER_S = 0.005  # a mirror batch waits this long to fill up: mirrors are not latency-bound
+# Mirrors are not latency-bound: a mirror batch waits up to LINGER_S to fill up to
+# MIRROR_BATCH_ROWS, so that the loop pays for one run and one comparison per ~100 requests.
+LINGER_S = 0.02
+MIRROR_BATCH_ROWS = 256
 
 
 class MirrorLane:
