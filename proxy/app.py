@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from time import perf_counter
 from typing import Any
 
-import aiohttp
 import orjson
 from aiohttp import web
 
 from . import __version__
-from .config import Config
 from .errors import (
     InvalidInputError,
     MethodNotAllowedError,
@@ -24,55 +20,14 @@ from .errors import (
     PayloadTooLargeError,
     ProxyError,
 )
-from .plan import ModelPlan, Plan, StatsBook, close_plan, create_plan, start_plan
+from .plan import ModelPlan, Plan
 from .protocol import BINARY_HEADER, encode_infer_response, parse_infer_request
 from .routing import Route
-from .runner import Runners
+from .serving import Serving
 
 log = logging.getLogger("mlproxy")
 JSON = "application/json"
 Handler = Callable[..., Awaitable[web.StreamResponse]]
-
-
-@dataclass
-class Serving:
-    """What the data and admin planes share: the plan in force and what outlives plans."""
-
-    plan: Plan
-    stats: StatsBook
-    runners: Runners
-    http: aiohttp.ClientSession
-    rng: random.Random = field(default_factory=random.Random)
-    inflight: int = 0
-    shed: int = 0
-    last_error: str | None = None
-
-    @property
-    def config(self) -> Config:
-        return self.plan.config
-
-
-async def create_serving(
-    config: Config, *, rng: random.Random | None = None, onnx_threads: int = 2
-) -> Serving:
-    """Build the run threads, the shared HTTP client and the first plan; the caller closes it."""
-    runners = Runners.create(onnx_threads)
-    http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256))
-    stats = StatsBook()
-    try:
-        plan = await create_plan(config, runners=runners, http=http, stats=stats)
-    except BaseException:
-        await http.close()
-        runners.close()
-        raise
-    start_plan(plan)
-    return Serving(plan, stats, runners, http, rng or random.Random())
-
-
-async def close_serving(serving: Serving) -> None:
-    await close_plan(serving.plan)
-    await serving.http.close()
-    serving.runners.close()
 
 
 def _json(doc: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -118,18 +73,21 @@ class DataPlane:
                     f"{s.inflight} requests in flight (limits.max_inflight = {s.config.limits.max_inflight})"
                 )
             )
-        s.inflight += 1
+        plan = s.plan  # the request finishes on the plan it started with, whatever a reload does
+        s.request_started()
+        plan.enter()
         try:
-            return await self._dispatch(request)
+            return await self._dispatch(request, plan)
         except ProxyError as exc:
             return error_response(exc)
         except Exception:
             log.exception("unhandled error serving %s %s", request.method, request.path)
             return _json({"error": "internal error; the proxy logged the details"}, status=500)
         finally:
-            s.inflight -= 1
+            plan.leave()
+            s.request_finished()
 
-    async def _dispatch(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def _dispatch(self, request: web.BaseRequest, plan: Plan) -> web.StreamResponse:
         parts = request.path.strip("/").split("/")
         method = request.method
         if not parts or parts[0] != "v2":
@@ -139,27 +97,27 @@ class DataPlane:
             name = parts[2]
             if n == 4 and parts[3] == "infer":
                 _allow(request, ("POST",))
-                return await self._infer(request, name, None)
+                return await self._infer(request, plan, name, None)
             if n == 6 and parts[3] == "versions" and parts[5] == "infer":
                 _allow(request, ("POST",))
-                return await self._infer(request, name, parts[4])
+                return await self._infer(request, plan, name, parts[4])
             if n == 3:
                 _allow(request, ("GET",))
-                return _json(self._model_metadata(name, None))
+                return _json(self._model_metadata(plan, name, None))
             if n == 4 and parts[3] == "ready":
                 _allow(request, ("GET",))
-                self._model(name)
+                self._model(plan, name)
                 return _json({"name": name, "ready": True})
             if n == 5 and parts[3] == "versions":
                 _allow(request, ("GET",))
-                return _json(self._model_metadata(name, parts[4]))
+                return _json(self._model_metadata(plan, name, parts[4]))
             if n == 6 and parts[3] == "versions" and parts[5] == "ready":
                 _allow(request, ("GET",))
-                self._backend(self._model(name), parts[4])
+                self._backend(self._model(plan, name), parts[4])
                 return _json({"name": name, "version": parts[4], "ready": True})
             if n == 4 and parts[3] == "feedback":
                 _allow(request, ("POST",))
-                self._model(name)
+                self._model(plan, name)
                 return _json(
                     {"error": "feedback (concept drift) is not implemented in this release"},
                     status=501,
@@ -174,8 +132,8 @@ class DataPlane:
             return _json({"live": True} if parts[2] == "live" else {"ready": True})
         raise NotFoundError(f"no route for {method} {request.path}")
 
-    def _model(self, name: str) -> ModelPlan:
-        plan = self.serving.plan
+    @staticmethod
+    def _model(plan: Plan, name: str) -> ModelPlan:
         mp = plan.models.get(name)
         if mp is None:
             raise ModelNotFoundError(name, known=list(plan.models))
@@ -188,8 +146,8 @@ class DataPlane:
             raise ModelNotFoundError(mp.name, version, known=list(mp.backends))
         return b
 
-    def _model_metadata(self, name: str, version: str | None) -> dict[str, Any]:
-        mp = self._model(name)
+    def _model_metadata(self, plan: Plan, name: str, version: str | None) -> dict[str, Any]:
+        mp = self._model(plan, name)
         v = version or mp.config.stable
         b = self._backend(mp, v)
         meta = b.metadata()
@@ -211,10 +169,10 @@ class DataPlane:
         return doc
 
     async def _infer(
-        self, request: web.BaseRequest, name: str, version: str | None
+        self, request: web.BaseRequest, plan: Plan, name: str, version: str | None
     ) -> web.StreamResponse:
         s = self.serving
-        mp = self._model(name)
+        mp = self._model(plan, name)
         if version is not None:
             self._backend(mp, version)
             route = Route(version)
@@ -240,23 +198,50 @@ class DataPlane:
         stats.requests += 1
         stats.rows += req.x.shape[0]
         start = perf_counter()  # uvloop's loop.time() ticks in whole milliseconds
+        answered = route.primary
         try:
             outputs = await backend.infer(req.x)
-        except BaseException:
+        except Exception as exc:
             stats.errors += 1
-            raise
+            stable = mp.config.stable
+            if (
+                version is not None
+                or route.primary == stable
+                or stable not in mp.backends
+                or isinstance(
+                    exc, OverloadedError
+                )  # shedding load is no reason to add it elsewhere
+            ):
+                raise
+            # A canary (or green, or shadow primary) failed: the proven version answers instead;
+            # the failure still counts against the version that failed.
+            log.warning(
+                "%s/%s failed a request (%s); %s answers instead", name, route.primary, exc, stable
+            )
+            key = (name, route.primary)
+            s.fallbacks[key] = s.fallbacks.get(key, 0) + 1
+            answered = stable
+            fallback_stats = mp.stats[stable]
+            fallback_stats.requests += 1
+            fallback_stats.rows += req.x.shape[0]
+            try:
+                outputs = await mp.backends[stable].infer(req.x)
+            except Exception:
+                fallback_stats.errors += 1
+                raise
         payload, hlen = encode_infer_response(
             request_id=req.id,
             model=name,
-            version=route.primary,
+            version=answered,
             outputs=outputs,
             requested=req.outputs,
             binary_outputs=req.binary_outputs,
         )
         stats.latency.observe(perf_counter() - start)
-        for m in route.mirrors:
-            mp.lanes[m].offer(req.x, outputs)
-        headers = {"x-model-version": route.primary}
+        if answered == route.primary:
+            for m in route.mirrors:
+                mp.lanes[m].offer(req.x, outputs)
+        headers = {"x-model-version": answered}
         if hlen is None:
             return web.Response(body=payload, content_type=JSON, headers=headers)
         headers[BINARY_HEADER] = str(hlen)

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from .config import BatchingConfig, LimitsConfig
 from .errors import OverloadedError, UpstreamError
 from .runner import Runner
 
@@ -99,6 +100,13 @@ class Batcher:
         self._idle = asyncio.Event()
         self._idle.set()
         self.stats = BatchStats()
+
+    def configure(self, batching: BatchingConfig, limits: LimitsConfig) -> None:
+        """Take new settings (a reload that keeps this version warm)."""
+        self.max_batch_size = batching.max_batch_size
+        self.max_delay_s = batching.max_delay_ms / 1000.0
+        self.inline_max_s = batching.inline_max_us / 1e6
+        self.queue_timeout_s = limits.queue_timeout_ms / 1000.0
 
     @property
     def queue_depth(self) -> int:

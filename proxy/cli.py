@@ -41,7 +41,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 async def _check_models(config_path: str) -> list[str]:
-    from .app import close_serving, create_serving
+    from .serving import close_serving, create_serving
 
     config = load_config(config_path)
     serving = await create_serving(config)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import tomllib
 from dataclasses import dataclass, field
@@ -71,10 +72,30 @@ class VersionConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class GatesConfig:
+    """[models.X.canary] gates: what the canary's recent traffic must show to go on."""
+
+    max_error_rate: float | None = None
+    max_p99_ms: float | None = None
+    min_agreement: float | None = None
+    min_requests: int = 50
+
+    @property
+    def any(self) -> bool:
+        return any(
+            g is not None for g in (self.max_error_rate, self.max_p99_ms, self.min_agreement)
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class CanaryConfig:
-    """[models.X.canary]"""
+    """[models.X.canary]: a weighted split, optionally stepped up while the gates hold."""
 
     weights: dict[str, float]
+    steps: tuple[float, ...] = ()
+    step_interval_s: float = 60.0
+    gates: GatesConfig = field(default_factory=GatesConfig)
+    canary: str | None = None  # the version being rolled out, when steps or gates are set
 
 
 @dataclass(frozen=True, slots=True)
@@ -339,7 +360,7 @@ def _parse_model(name: str, table: Any, base_dir: Path, errors: list[str]) -> Mo
     canary = shadow = blue_green = None
     raw = r.table_of("canary")
     if raw is not None:
-        canary = _parse_canary(_Reader(raw, f"{key}.canary", errors), versions, name)
+        canary = _parse_canary(_Reader(raw, f"{key}.canary", errors), versions, name, stable)
     raw = r.table_of("shadow")
     if raw is not None:
         shadow = _parse_shadow(_Reader(raw, f"{key}.shadow", errors), versions, name)
@@ -396,13 +417,15 @@ def _parse_versions(
 
 
 def _parse_canary(
-    r: _Reader, versions: dict[str, VersionConfig], model: str
+    r: _Reader, versions: dict[str, VersionConfig], model: str, stable: str | None
 ) -> CanaryConfig | None:
     raw = r.get("weights", "a table")
-    for later in ("steps", "step_interval_s", "gates"):
-        if later in r.table:
-            r.table.pop(later)
-            r.error("progressive rollout is not implemented in this release; remove the key", later)
+    steps_raw = r.get("steps", "an array", None)
+    interval = _positive(r, "step_interval_s", "a number", None)
+    gates_raw = r.table_of("gates")
+    gates = GatesConfig()
+    if gates_raw is not None:
+        gates = _parse_gates(_Reader(gates_raw, f"{r.key}.gates", r.errors))
     r.done()
     if raw is None:
         return None
@@ -414,10 +437,56 @@ def _parse_canary(
             r.error(f"{vname} must be a non-negative number, not {w!r}", "weights")
             continue
         weights[vname] = float(w)
-    if len(weights) == len(raw) and sum(weights.values()) <= 0:
+    if len(weights) != len(raw):
+        return None
+    if sum(weights.values()) <= 0:
         r.error("at least one weight must be > 0", "weights")
         return None
-    return CanaryConfig(weights)
+    steps: tuple[float, ...] = ()
+    if steps_raw is not None:
+        if not steps_raw or not all(_is_kind(x, "a number") and 0 < x <= 100 for x in steps_raw):
+            r.error(
+                f"must be a non-empty list of percentages in (0, 100], not {steps_raw!r}", "steps"
+            )
+            return None
+        steps = tuple(float(x) for x in steps_raw)
+        if any(b <= a for a, b in itertools.pairwise(steps)):
+            r.error(f"must increase step by step, not {steps_raw!r}", "steps")
+            return None
+    if interval is not None and not steps:
+        r.error("step_interval_s needs steps", "step_interval_s")
+        return None
+    canary = None
+    if steps or gates.any:
+        others = [v for v in weights if v != stable]
+        if stable not in weights or len(others) != 1:
+            r.error(
+                f"a progressive or gated canary splits between stable ({stable}) and one canary"
+                f" version, not {', '.join(weights)}",
+                "weights",
+            )
+            return None
+        canary = others[0]
+    return CanaryConfig(weights, steps, interval if interval is not None else 60.0, gates, canary)
+
+
+def _parse_gates(r: _Reader) -> GatesConfig:
+    d = GatesConfig()
+    if "max_psi" in r.table:
+        r.table.pop("max_psi")
+        r.error(
+            "drift gates need drift monitoring, which is not in this release; remove the key",
+            "max_psi",
+        )
+    err = r.get("max_error_rate", "a number", None)
+    p99 = _positive(r, "max_p99_ms", "a number", None)
+    agree = r.get("min_agreement", "a number", None)
+    min_requests = _positive(r, "min_requests", "an integer", d.min_requests)
+    r.done()
+    for name, value in (("max_error_rate", err), ("min_agreement", agree)):
+        if value is not None and not 0.0 <= value <= 1.0:
+            r.error(f"must be a fraction in 0..1, not {value}", name)
+    return GatesConfig(err, p99, agree, min_requests)
 
 
 def _parse_shadow(

@@ -9,10 +9,11 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
-from .backends import Backend, create_backend
-from .config import Config, ModelConfig
+from .backends import Backend, LocalBackend, create_backend
+from .config import Config, ModelConfig, VersionConfig
 from .errors import ConfigError, ModelLoadError
 from .monitor.stats import VersionStats
+from .repository import MODEL_FILE, sha256_file
 from .routing import Strategy, create_strategy
 from .runner import Runners
 from .shadow import MIRROR_BATCH_ROWS, MirrorLane
@@ -52,11 +53,53 @@ class ModelPlan:
 
 @dataclass(slots=True)
 class Plan:
-    """An immutable serving plan; a reload builds a new one and swaps the reference."""
+    """What one config serves. A reload builds a new Plan beside this one and swaps the
+    reference; requests hold the Plan they started on (`enter`/`leave`), and a retired Plan's
+    own backends are closed once its last request has left."""
 
     config: Config
     models: dict[str, ModelPlan]
     loaded_at: float
+    active: int = 0
+    retired: bool = False
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def enter(self) -> None:
+        self.active += 1
+
+    def leave(self) -> None:
+        self.active -= 1
+        if self.active == 0 and self.retired:
+            self.idle.set()
+
+    def retire(self) -> None:
+        self.retired = True
+        if self.active == 0:
+            self.idle.set()
+
+    def backends(self) -> set[Backend]:
+        return {b for mp in self.models.values() for b in mp.backends.values()}
+
+
+def _same_version(a: VersionConfig, b: VersionConfig) -> bool:
+    return a.path == b.path and a.url == b.url and a.timeout_ms == b.timeout_ms
+
+
+async def _reusable(
+    vc: VersionConfig, old: Backend | None, old_vc: VersionConfig | None
+) -> Backend | None:
+    """The running backend for this version if nothing about it changed (sha256 on disk included)."""
+    if old is None or old_vc is None or not _same_version(vc, old_vc):
+        return None
+    if vc.path is not None:
+        path = vc.path / MODEL_FILE
+        try:
+            digest = await asyncio.get_running_loop().run_in_executor(None, sha256_file, path)
+        except OSError:
+            return None  # gone or unreadable: a fresh load reports the problem
+        if digest != old.identity:
+            return None
+    return old
 
 
 async def create_plan(
@@ -65,29 +108,30 @@ async def create_plan(
     runners: Runners,
     http: aiohttp.ClientSession,
     stats: StatsBook,
+    previous: Plan | None = None,
     clock: Callable[[], float] | None = None,
-) -> Plan:
-    """Load and warm every version of every model; ConfigError lists each version that failed."""
+) -> tuple[Plan, int]:
+    """Load and warm every new or changed version; reuse the warm ones of `previous`.
+
+    Returns the plan and how many versions were loaded (not reused). ConfigError lists each
+    version that failed; then nothing new is left open.
+    """
     loop = asyncio.get_running_loop()
     clock = clock or loop.time
     jobs = []
     keys = []
     for model in config.models.values():
+        old_mp = previous.models.get(model.name) if previous else None
         for vc in model.versions.values():
+            old = old_mp.backends.get(vc.name) if old_mp else None
+            old_vc = old_mp.config.versions.get(vc.name) if old_mp else None
             keys.append((model, vc.name))
-            jobs.append(
-                create_backend(
-                    vc,
-                    runners=runners,
-                    http=http,
-                    batching=config.batching,
-                    limits=config.limits,
-                    model_name=model.name,
-                )
-            )
+            jobs.append(_load_or_reuse(vc, old, old_vc, runners, http, config, model.name))
     results = await asyncio.gather(*jobs, return_exceptions=True)
     errors: list[str] = []
     loaded: dict[str, dict[str, Backend]] = {m: {} for m in config.models}
+    fresh: list[Backend] = []
+    reused = previous.backends() if previous else set()
     for (model, vname), res in zip(keys, results, strict=True):
         if isinstance(res, ModelLoadError):
             errors.append(f"models.{model.name}.versions.{vname}: {res}")
@@ -95,12 +139,18 @@ async def create_plan(
             errors.append(f"models.{model.name}.versions.{vname}: cannot load: {res!r}")
         else:
             loaded[model.name][vname] = res
+            if res not in reused:
+                fresh.append(res)
     if not errors:
         for model in config.models.values():
             errors.extend(_check_inputs(model, loaded[model.name]))
     if errors:
-        await asyncio.gather(*(b.close() for group in loaded.values() for b in group.values()))
+        await asyncio.gather(*(b.close() for b in fresh))
         raise ConfigError(errors, config.source)
+    for group in loaded.values():  # a reused batcher takes the new batching settings
+        for b in group.values():
+            if isinstance(b, LocalBackend):
+                b.batcher.configure(config.batching, config.limits)
     models = {}
     for model in config.models.values():
         backends = loaded[model.name]
@@ -110,21 +160,56 @@ async def create_plan(
             backends=backends,
             stats={v: stats.get(model.name, v) for v in backends},
         )
-        if model.mode == "shadow" and model.shadow is not None:
+        for m in _mirror_targets(model):
             s = model.shadow
-            for m in s.mirrors:
-                mp.lanes[m] = MirrorLane(
-                    backends[m],
-                    mp.stats[m].mirror,
-                    queue_rows=s.queue_rows,
-                    max_batch_rows=max(MIRROR_BATCH_ROWS, config.batching.max_batch_size),
-                    timeout_s=s.timeout_ms / 1000.0,
-                    breaker_failures=s.breaker_failures,
-                    breaker_pause_s=s.breaker_pause_s,
-                    clock=clock,
-                )
+            mp.lanes[m] = MirrorLane(
+                backends[m],
+                mp.stats[m].mirror,
+                queue_rows=s.queue_rows if s else 1024,
+                max_batch_rows=max(MIRROR_BATCH_ROWS, config.batching.max_batch_size),
+                timeout_s=(s.timeout_ms if s else 1000.0) / 1000.0,
+                breaker_failures=s.breaker_failures if s else 5,
+                breaker_pause_s=s.breaker_pause_s if s else 10.0,
+                clock=clock,
+            )
         models[model.name] = mp
-    return Plan(config=config, models=models, loaded_at=time.time())
+    return Plan(config=config, models=models, loaded_at=time.time()), len(fresh)
+
+
+def _mirror_targets(model: ModelConfig) -> tuple[str, ...]:
+    if model.mode == "shadow" and model.shadow is not None:
+        return model.shadow.mirrors
+    c = model.canary
+    if (
+        model.mode == "canary"
+        and c is not None
+        and c.canary is not None
+        and c.gates.min_agreement is not None
+    ):
+        return (model.stable,)  # canary answers are compared with stable's
+    return ()
+
+
+async def _load_or_reuse(
+    vc: VersionConfig,
+    old: Backend | None,
+    old_vc: VersionConfig | None,
+    runners: Runners,
+    http: aiohttp.ClientSession,
+    config: Config,
+    model_name: str,
+) -> Backend:
+    same = await _reusable(vc, old, old_vc)
+    if same is not None:
+        return same
+    return await create_backend(
+        vc,
+        runners=runners,
+        http=http,
+        batching=config.batching,
+        limits=config.limits,
+        model_name=model_name,
+    )
 
 
 def _check_inputs(model: ModelConfig, backends: dict[str, Backend]) -> list[str]:
@@ -147,9 +232,10 @@ def start_plan(plan: Plan) -> None:
             lane.start()
 
 
-async def close_plan(plan: Plan) -> None:
-    """Stop mirror lanes and close every backend (after the plan's requests are done)."""
+async def close_plan(plan: Plan, keep: set[Backend] | None = None) -> None:
+    """Stop the plan's mirror lanes and close its backends, except those in `keep`."""
     for mp in plan.models.values():
         for lane in mp.lanes.values():
             await lane.close()
-    await asyncio.gather(*(b.close() for mp in plan.models.values() for b in mp.backends.values()))
+    keep = keep or set()
+    await asyncio.gather(*(b.close() for b in plan.backends() if b not in keep))

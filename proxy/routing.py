@@ -35,6 +35,7 @@ class Strategy:
     mirrors: tuple[str, ...] = ()
     sample: float = 0.0
     salt: str = ""
+    mirror_for: str | None = None  # mirror only requests this version answers (None: all)
 
     def choose(self, sticky: str | None, u: float, mirror_u: float = 1.0) -> Route:
         """Pick a route. `u` and `mirror_u` are uniform draws in [0, 1) from the caller's rng.
@@ -46,6 +47,12 @@ class Strategy:
         mirrors = self.mirrors if self.mirrors and mirror_u < self.sample else ()
         if len(self.versions) == 1:
             return Route(self.versions[0], mirrors)
+        if self.mirror_for is not None:
+            route = self._pick(sticky, u)
+            return Route(route, mirrors if route == self.mirror_for else ())
+        return Route(self._pick(sticky, u), mirrors)
+
+    def _pick(self, sticky: str | None, u: float) -> str:
         if sticky is not None:
             best, best_score = self.versions[0], -math.inf
             for version, weight in zip(self.versions, self.weights, strict=True):
@@ -54,28 +61,43 @@ class Strategy:
                 score = -weight / math.log(stable_unit(self.salt, version, sticky))
                 if score > best_score:
                     best, best_score = version, score
-            return Route(best, mirrors)
+            return best
         acc = 0.0
         for version, weight in zip(self.versions, self.weights, strict=True):
             acc += weight
             if u < acc and weight > 0.0:
-                return Route(version, mirrors)
+                return version
         last = max(i for i, w in enumerate(self.weights) if w > 0.0)
-        return Route(self.versions[last], mirrors)
+        return self.versions[last]
 
     def split(self) -> dict[str, float]:
         """The share of traffic each version answers."""
         return dict(zip(self.versions, self.weights, strict=True))
 
 
-def create_strategy(model: ModelConfig) -> Strategy:
-    """The Strategy in force for a model's `mode`."""
+def create_strategy(model: ModelConfig, weights: dict[str, float] | None = None) -> Strategy:
+    """The Strategy in force for a model's `mode`; `weights` overrides a canary's split (rollout)."""
     if model.mode == "canary":
-        assert model.canary is not None
-        names = tuple(model.canary.weights)
-        total = sum(model.canary.weights.values())
-        weights = tuple(model.canary.weights[n] / total for n in names)
-        return Strategy("canary", names, weights, salt=model.name)
+        c = model.canary
+        assert c is not None
+        split = weights if weights is not None else c.weights
+        names = tuple(c.weights)
+        total = sum(split.get(n, 0.0) for n in names)
+        if total <= 0:  # everything rolled back: the stable version answers
+            return Strategy("canary", (model.stable,), (1.0,), salt=model.name)
+        shares = tuple(split.get(n, 0.0) / total for n in names)
+        if c.canary is not None and c.gates.min_agreement is not None:
+            # Compare the canary's answers with stable's: its requests are mirrored to stable.
+            return Strategy(
+                "canary",
+                names,
+                shares,
+                mirrors=(model.stable,),
+                sample=1.0,
+                salt=model.name,
+                mirror_for=c.canary,
+            )
+        return Strategy("canary", names, shares, salt=model.name)
     if model.mode == "shadow":
         assert model.shadow is not None
         s = model.shadow

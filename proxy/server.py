@@ -1,8 +1,9 @@
-"""Run both planes on one event loop until told to stop, then drain and close."""
+"""Run both planes on one event loop; reload on file change and SIGHUP; drain on SIGTERM."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import signal
@@ -10,8 +11,9 @@ import signal
 from aiohttp import web
 
 from .admin import create_admin_app
-from .app import close_serving, create_data_server, create_serving
+from .app import create_data_server
 from .config import Config
+from .serving import create_serving
 
 log = logging.getLogger("mlproxy")
 DRAIN_TIMEOUT_S = 10.0
@@ -20,25 +22,43 @@ DRAIN_TIMEOUT_S = 10.0
 GC_THRESHOLDS = (20_000, 20, 20)
 
 
-async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
-    """Serve `config` until `stop` is set (or SIGTERM/SIGINT arrives)."""
+async def serve(
+    config: Config, *, stop: asyncio.Event | None = None, drain_timeout_s: float = DRAIN_TIMEOUT_S
+) -> None:
+    """Serve `config` until `stop` is set (or SIGTERM/SIGINT arrives), then drain and close.
+
+    Shutdown order: stop accepting connections, let requests in flight finish (at most
+    `drain_timeout_s`), close connections, then the plan; the state file and the audit log are
+    written on every change, so nothing is left to flush but a last audit line.
+    """
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            loop.add_signal_handler(sig, stop.set)
-        except (NotImplementedError, RuntimeError):  # not the main thread (tests)
-            pass
     serving = await create_serving(config)
+    reloads: set[asyncio.Task[object]] = set()
+
+    def on_hup() -> None:
+        task = loop.create_task(serving.reload("SIGHUP"))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    for sig, handler in (
+        (signal.SIGTERM, stop.set),
+        (signal.SIGINT, stop.set),
+        (signal.SIGHUP, on_hup),
+    ):
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread (tests)
+            loop.add_signal_handler(sig, handler)
     data_runner = web.ServerRunner(create_data_server(serving), handle_signals=False)
     admin_runner = web.AppRunner(create_admin_app(serving), handle_signals=False, access_log=None)
+    background = loop.create_task(serving.run_background())
     try:
         await data_runner.setup()
         await admin_runner.setup()
         s, a = config.server, config.admin
-        await web.TCPSite(
-            data_runner, s.host, s.port, backlog=2048, shutdown_timeout=DRAIN_TIMEOUT_S
-        ).start()
+        data_site = web.TCPSite(
+            data_runner, s.host, s.port, backlog=2048, shutdown_timeout=drain_timeout_s
+        )
+        await data_site.start()
         await web.TCPSite(admin_runner, a.host, a.port).start()
         gc.collect()
         gc.freeze()  # what startup built lives forever: keep it out of every later collection
@@ -55,9 +75,24 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
             ),
         )
         await stop.wait()
-        log.info("stopping: draining requests in flight (up to %.0f s)", DRAIN_TIMEOUT_S)
+        log.info(
+            "stopping: no new connections; draining %d request(s) in flight (up to %.0f s)",
+            serving.inflight,
+            drain_timeout_s,
+        )
+        await data_site.stop()  # closes the listening socket; open connections carry on
+        drained = await serving.drained(drain_timeout_s)
+        if not drained:
+            log.warning(
+                "drain timeout: %d request(s) still in flight are cut off", serving.inflight
+            )
+        serving.audit.append("stop", digest=serving.config.digest, drained=drained)
     finally:
+        background.cancel()
+        for task in (background, *reloads):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await data_runner.cleanup()
         await admin_runner.cleanup()
-        await close_serving(serving)
+        await serving.close()
     log.info("stopped")

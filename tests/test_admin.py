@@ -9,7 +9,7 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.admin import create_admin_app
-from proxy.app import close_serving, create_serving
+from proxy.serving import close_serving, create_serving
 
 from .conftest import infer_body, model_section
 from .upstream import start_upstream

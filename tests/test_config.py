@@ -117,9 +117,60 @@ def test_good_minimal_config(tmp_path: Path) -> None:
         ),
         (
             GOOD.replace(
-                "weights = { v1 = 90, v2 = 10 }", "weights = { v1 = 90, v2 = 10 }\nsteps = [10, 50]"
+                "weights = { v1 = 90, v2 = 10 }", "weights = { v1 = 90, v2 = 10 }\nsteps = [50, 25]"
             ),
-            "models.cancer.canary.steps: progressive rollout is not implemented",
+            "models.cancer.canary.steps: must increase step by step",
+        ),
+        (
+            GOOD.replace(
+                "weights = { v1 = 90, v2 = 10 }",
+                "weights = { v1 = 90, v2 = 10 }\nsteps = [10, 150]",
+            ),
+            "models.cancer.canary.steps: must be a non-empty list of percentages in (0, 100]",
+        ),
+        (
+            GOOD.replace(
+                "weights = { v1 = 90, v2 = 10 }",
+                "weights = { v1 = 90, v2 = 10 }\nstep_interval_s = 5",
+            ),
+            "models.cancer.canary.step_interval_s: step_interval_s needs steps",
+        ),
+        (
+            GOOD.replace(
+                "weights = { v1 = 90, v2 = 10 }",
+                "weights = { v1 = 90, v2 = 10 }\nsteps = [25]\ngates = { max_psi = 0.2 }",
+            ),
+            "models.cancer.canary.gates.max_psi: drift gates need drift monitoring",
+        ),
+        (
+            GOOD.replace(
+                "weights = { v1 = 90, v2 = 10 }",
+                "weights = { v1 = 90, v2 = 10 }\nsteps = [25]\ngates = { min_agreement = 2 }",
+            ),
+            "models.cancer.canary.gates.min_agreement: must be a fraction in 0..1, not 2",
+        ),
+        (
+            GOOD.replace(
+                "weights = { v1 = 90, v2 = 10 }",
+                "weights = { v1 = 90, v2 = 10 }\nsteps = [25]\ngates = { max_eror_rate = 0.1 }",
+            ),
+            "models.cancer.canary.gates.max_eror_rate: unknown key",
+        ),
+        (
+            GOOD.replace(
+                "weights = { v1 = 90, v2 = 10 }",
+                "weights = { v2 = 10, v1 = 80, v3 = 10 }\nsteps = [25]",
+            ),
+            "models.cancer.canary.weights: v3 is not a version",
+        ),
+        (
+            GOOD.replace('stable = "v1"', 'stable = "v1"\nsticky_key = "u"')
+            .replace("v2 = { path", 'v3 = { path = "x" }\nv2 = { path')
+            .replace(
+                "weights = { v1 = 90, v2 = 10 }",
+                "weights = { v1 = 80, v2 = 10, v3 = 10 }\ngates = { max_error_rate = 0.1 }",
+            ),
+            "models.cancer.canary.weights: a progressive or gated canary splits between stable (v1) and one canary",
         ),
         ("", "models: at least one [models.<name>] table is required"),
     ],

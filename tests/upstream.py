@@ -7,7 +7,8 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.app import DataPlane, Serving
+from proxy.app import DataPlane
+from proxy.serving import Serving
 
 
 class GatedUpstream:

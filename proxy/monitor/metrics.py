@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -33,6 +33,7 @@ class VersionView:
     batch_rows: int = 0
     queue_depth: int = 0
     shed: int = 0
+    fallbacks: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +44,9 @@ class Snapshot:
     inflight: int
     shed: int
     config_loaded_at: float
+    reloads: dict[str, int] = field(default_factory=dict)
+    rollouts: dict[str, str] = field(default_factory=dict)
+    alerts: int = 0
 
 
 class ProxyCollector(Collector):
@@ -96,6 +100,11 @@ class ProxyCollector(Collector):
         diff = GaugeMetricFamily(
             "mlproxy_shadow_mean_abs_diff", "Mean |mirror - primary| over float outputs.", labels=mv
         )
+        fallbacks = CounterMetricFamily(
+            "mlproxy_fallbacks",
+            "Requests a version failed that the stable version answered instead.",
+            labels=mv,
+        )
         breaker = CounterMetricFamily(
             "mlproxy_mirror_breaker_opened", "Times a failing mirror was paused.", labels=mv
         )
@@ -113,6 +122,7 @@ class ProxyCollector(Collector):
                 batch_rows.add_metric(lv, v.batch_rows)
                 queue.add_metric(lv, v.queue_depth)
                 shed_q.add_metric(lv, v.shed)
+            fallbacks.add_metric(lv, v.fallbacks)
             m = st.mirror
             if m.sent or m.dropped:
                 for outcome, count in (
@@ -141,6 +151,7 @@ class ProxyCollector(Collector):
             agreement,
             diff,
             breaker,
+            fallbacks,
         )
         yield GaugeMetricFamily(
             "mlproxy_inflight_requests", "Requests being served now.", value=snap.inflight
@@ -150,6 +161,24 @@ class ProxyCollector(Collector):
             "Requests refused at once because limits.max_inflight was reached.",
             value=snap.shed,
         )
+        reloads = CounterMetricFamily(
+            "mlproxy_config_reloads",
+            "Config reloads by outcome (error: refused, old config kept).",
+            labels=["outcome"],
+        )
+        for outcome in ("ok", "error"):
+            reloads.add_metric([outcome], snap.reloads.get(outcome, 0))
+        yield reloads
+        rollout = GaugeMetricFamily(
+            "mlproxy_rollout_status",
+            "1 for the state each model's canary rollout is in.",
+            labels=["model", "status"],
+        )
+        for model, current in snap.rollouts.items():
+            for st_name in ("progressing", "holding", "promoted", "rolled_back"):
+                rollout.add_metric([model, st_name], 1.0 if current == st_name else 0.0)
+        yield rollout
+        yield CounterMetricFamily("mlproxy_alerts", "Alerts raised since start.", value=snap.alerts)
         yield GaugeMetricFamily(
             "mlproxy_config_loaded_timestamp_seconds",
             "When the config in force was loaded (unix time).",

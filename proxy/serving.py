@@ -1,0 +1,287 @@
+"""Serving: the plan in force and everything that changes it (reloads, rollouts), with their records."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from .config import Config, load_config
+from .errors import ConfigError
+from .plan import Plan, StatsBook, close_plan, create_plan, start_plan
+from .rollout import RolloutController, rollout_key
+from .routing import create_strategy
+from .runner import Runners
+from .state import Alerts, AuditLog, StateFile
+
+log = logging.getLogger("mlproxy")
+WATCH_INTERVAL_S = 0.25
+TICK_INTERVAL_S = 0.5
+RESTART_ONLY = ("server", "admin")  # sections a reload cannot change on a listening process
+
+
+class ConfigWatcher:
+    """Notices a changed config file: a write in place, an editor's write-and-rename, and a
+    Kubernetes ConfigMap's `..data` symlink swap (the resolved path changes)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._last = self.signature()
+
+    def signature(self) -> tuple[Any, ...] | None:
+        try:
+            st = os.stat(self.path)  # follows symlinks, so a swapped ..data link shows
+        except OSError:
+            return None  # mid-swap, or deleted: wait for it to come back
+        return (os.path.realpath(self.path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def check(self) -> bool:
+        """True once per change (the step function: the serving loop calls it on a timer)."""
+        sig = self.signature()
+        if sig is None or sig == self._last:
+            return False
+        self._last = sig
+        return True
+
+
+class Serving:
+    """What the data and admin planes share: the plan in force and what outlives plans."""
+
+    def __init__(
+        self,
+        plan: Plan,
+        *,
+        stats: StatsBook,
+        runners: Runners,
+        http: aiohttp.ClientSession,
+        rng: random.Random,
+        state: StateFile,
+        audit: AuditLog,
+        alerts: Alerts,
+    ) -> None:
+        self.plan = plan
+        self.stats = stats
+        self.runners = runners
+        self.http = http
+        self.rng = rng
+        self.state = state
+        self.audit = audit
+        self.alerts = alerts
+        self.inflight = 0
+        self.shed = 0
+        self.fallbacks: dict[tuple[str, str], int] = {}
+        self.reloads = {"ok": 0, "error": 0}
+        self.last_error: str | None = None
+        self.controllers: dict[str, RolloutController] = {}
+        self.config_path = Path(plan.config.source)
+        self.watcher: ConfigWatcher | None = None
+        self._lock = asyncio.Lock()
+        self._background: set[asyncio.Task[Any]] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._loop = asyncio.get_running_loop()
+        self._attach_controllers()
+
+    @property
+    def config(self) -> Config:
+        return self.plan.config
+
+    def loop_time(self) -> float:
+        return self._loop.time()
+
+    # ---------------------------------------------------------------- requests in flight
+
+    def request_started(self) -> None:
+        self.inflight += 1
+        self._idle.clear()
+
+    def request_finished(self) -> None:
+        self.inflight -= 1
+        if self.inflight == 0:
+            self._idle.set()
+
+    async def drained(self, timeout: float) -> bool:
+        """Wait until no request is in flight; False if `timeout` passed first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    # ---------------------------------------------------------------- rollouts
+
+    def _attach_controllers(self, previous: dict[str, RolloutController] | None = None) -> None:
+        controllers = {}
+        now = self._loop.time()
+        for name, mp in self.plan.models.items():
+            c = mp.config.canary
+            if mp.config.mode != "canary" or c is None or c.canary is None:
+                continue
+            old = (previous or {}).get(name)
+            if old is not None and old.key == rollout_key(mp.config):
+                controllers[name] = old  # same rollout: keep its step clock and counters
+                old.model = mp.config
+                self._apply_weights(name, old.weights())
+                continue
+            controllers[name] = RolloutController(
+                mp.config,
+                canary_stats=mp.stats[c.canary],
+                stable_stats=mp.stats[mp.config.stable],
+                state=self.state,
+                audit=self.audit,
+                alerts=self.alerts,
+                apply=functools.partial(self._apply_weights, name),
+                now=now,
+            )
+        self.controllers = controllers
+
+    def _apply_weights(self, model: str, weights: dict[str, float]) -> None:
+        mp = self.plan.models.get(model)
+        if mp is not None:
+            mp.strategy = create_strategy(mp.config, weights)
+
+    def tick(self, now: float | None = None) -> None:
+        """Step every rollout controller (the serving loop calls it on a timer)."""
+        now = self._loop.time() if now is None else now
+        for controller in list(self.controllers.values()):
+            try:
+                controller.tick(now)
+            except Exception:
+                log.exception("rollout controller of %s failed", controller.model.name)
+
+    # ---------------------------------------------------------------- reload
+
+    async def reload(self, cause: str, *, only_if_changed: bool = False) -> dict[str, Any]:
+        """Validate the config file, load what is new or changed, warm it, then swap the plan.
+
+        A config that fails anywhere changes nothing: the running plan keeps serving and the
+        error is kept in `last_error` until a good reload clears it. Reloads are serialised.
+        """
+        async with self._lock:
+            before = self.plan.config.digest
+            try:
+                config = load_config(self.config_path)
+                if only_if_changed and config.digest == before:
+                    return {"outcome": "unchanged", "digest": before}
+                plan, loaded = await create_plan(
+                    config,
+                    runners=self.runners,
+                    http=self.http,
+                    stats=self.stats,
+                    previous=self.plan,
+                )
+            except ConfigError as exc:
+                self.reloads["error"] += 1
+                self.last_error = str(exc)
+                log.error("reload (%s) refused; still serving %s:\n%s", cause, before[:12], exc)
+                self.audit.append("reload_refused", cause=cause, digest=before, errors=exc.errors)
+                return {"outcome": "error", "errors": [f"{exc.source}:{e}" for e in exc.errors]}
+            for section in RESTART_ONLY:
+                if getattr(config, section) != getattr(self.plan.config, section):
+                    log.warning("[%s] changed: it takes effect at the next restart", section)
+            old = self.plan
+            self.plan = plan
+            self._attach_controllers(self.controllers)
+            start_plan(plan)
+            old.retire()
+            self._spawn(self._close_when_idle(old, plan))
+            self.reloads["ok"] += 1
+            self.last_error = None
+            self.audit.append(
+                "reload",
+                cause=cause,
+                digest_before=before,
+                digest_after=config.digest,
+                versions_loaded=loaded,
+            )
+            log.info(
+                "reloaded (%s): %s -> %s, %d version(s) loaded",
+                cause,
+                before[:12],
+                config.digest[:12],
+                loaded,
+            )
+            return {"outcome": "ok", "digest": config.digest, "versions_loaded": loaded}
+
+    async def _close_when_idle(self, old: Plan, new: Plan) -> None:
+        await old.idle.wait()  # its last request has left
+        await close_plan(old, keep=new.backends() | self.plan.backends())
+
+    def _spawn(self, coro: Any) -> None:
+        task = self._loop.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def run_background(self, *, watch: bool = True) -> None:
+        """Watch the config file and tick the rollouts until cancelled."""
+        self.watcher = ConfigWatcher(self.config_path) if watch else None
+        next_tick = 0.0
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL_S)  # a timer, not a synchronisation: both jobs poll
+            if self.watcher is not None and self.watcher.check():
+                await self.reload("file changed", only_if_changed=True)
+            now = self._loop.time()
+            if now >= next_tick:
+                self.tick(now)
+                next_tick = now + TICK_INTERVAL_S
+
+    async def close(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        await close_plan(self.plan)
+        await self.http.close()
+        self.runners.close()
+
+
+def state_paths(config: Config) -> tuple[Path, Path]:
+    """The state file and audit log live beside the config: config.toml -> config.state.json."""
+    source = Path(config.source)
+    return source.with_name(source.stem + ".state.json"), source.with_name(
+        source.stem + ".audit.jsonl"
+    )
+
+
+async def create_serving(
+    config: Config, *, rng: random.Random | None = None, onnx_threads: int = 2
+) -> Serving:
+    """Build the run threads, the shared HTTP client and the first plan; the caller closes it."""
+    runners = Runners.create(onnx_threads)
+    http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256))
+    stats = StatsBook()
+    try:
+        plan, _ = await create_plan(config, runners=runners, http=http, stats=stats)
+    except BaseException:
+        await http.close()
+        runners.close()
+        raise
+    state_path, audit_path = state_paths(config)
+    state = StateFile(state_path)
+    audit = AuditLog(audit_path)
+    serving = Serving(
+        plan,
+        stats=stats,
+        runners=runners,
+        http=http,
+        rng=rng or random.Random(),
+        state=state,
+        audit=audit,
+        alerts=Alerts(),
+    )
+    if state.load_error:
+        serving.last_error = state.load_error
+    start_plan(plan)
+    audit.append(
+        "start", digest=config.digest, models={m: mp.config.mode for m, mp in plan.models.items()}
+    )
+    return serving
+
+
+async def close_serving(serving: Serving) -> None:
+    await serving.close()
