@@ -109,6 +109,10 @@ class Batcher:
         self.queue_timeout_s = limits.queue_timeout_ms / 1000.0
 
     @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
     def queue_depth(self) -> int:
         return len(self._pending)
 

@@ -48,16 +48,16 @@ async def serve(
     ):
         with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread (tests)
             loop.add_signal_handler(sig, handler)
-    data_runner = web.ServerRunner(create_data_server(serving), handle_signals=False)
+    data_runner = web.ServerRunner(
+        create_data_server(serving), handle_signals=False, shutdown_timeout=drain_timeout_s
+    )
     admin_runner = web.AppRunner(create_admin_app(serving), handle_signals=False, access_log=None)
     background = loop.create_task(serving.run_background())
     try:
         await data_runner.setup()
         await admin_runner.setup()
         s, a = config.server, config.admin
-        data_site = web.TCPSite(
-            data_runner, s.host, s.port, backlog=2048, shutdown_timeout=drain_timeout_s
-        )
+        data_site = web.TCPSite(data_runner, s.host, s.port, backlog=2048)
         await data_site.start()
         await web.TCPSite(admin_runner, a.host, a.port).start()
         gc.collect()

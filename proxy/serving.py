@@ -213,6 +213,11 @@ class Serving:
         await old.idle.wait()  # its last request has left
         await close_plan(old, keep=new.backends() | self.plan.backends())
 
+    async def _background_idle(self) -> None:
+        """Wait for background jobs (closing retired plans) to finish; for tests and shutdown."""
+        while self._background:
+            await asyncio.gather(*list(self._background), return_exceptions=True)
+
     def _spawn(self, coro: Any) -> None:
         task = self._loop.create_task(coro)
         self._background.add(task)

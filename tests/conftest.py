@@ -14,9 +14,9 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from proxy.app import create_data_server
-from proxy.serving import Serving, close_serving, create_serving
 from proxy.config import Config, load_config
 from proxy.packaging import build_demo_models, demo_data
+from proxy.serving import Serving, close_serving, create_serving
 
 BASE_CONFIG = """
 [server]

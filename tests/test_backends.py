@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from proxy.serving import close_serving, create_serving
 from proxy.errors import ConfigError
+from proxy.serving import close_serving, create_serving
 
 from .conftest import infer_body, model_section, reference
 from .upstream import start_upstream

@@ -1,0 +1,238 @@
+"""Progressive canary, automatic rollback, fallback, state across restarts, the admin API."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp import web
+
+from proxy.admin import create_admin_app
+from proxy.app import DataPlane
+from proxy.serving import close_serving, create_serving
+
+from .badmodels import build_broken, build_wrong
+from .conftest import infer_body, model_section
+
+
+def canary(
+    repo: Path, canary_version: str, *, weights: str, extra: str = "", sticky: bool = True
+) -> str:
+    versions = {
+        "v1": f'{{ path = "{repo}/cancer/v1" }}',
+        canary_version: f'{{ path = "{repo}/cancer/{canary_version}" }}',
+    }
+    head = model_section(
+        mode="canary",
+        repo=repo,
+        versions=versions,
+        extra='sticky_key = "x-user-id"' if sticky else "",
+    )
+    return head + f"[models.cancer.canary]\nweights = {{ {weights} }}\n{extra}"
+
+
+async def send(client: Any, rows: Any, n: int, *, offset: int = 0) -> list[str]:
+    """n requests from n different users; every one must be answered 200. Returns who answered."""
+    versions = []
+    for i in range(n):
+        resp = await client.post(
+            "/v2/models/cancer/infer",
+            json=infer_body(rows[(offset + i) % len(rows)][None, :]),
+            headers={"x-user-id": f"user-{offset + i}"},
+        )
+        assert resp.status == 200, await resp.text()
+        versions.append(resp.headers["x-model-version"])
+    return versions
+
+
+async def test_canary_steps_up_while_gates_hold_then_promotes(
+    start: Any, write_config: Any, repo: Path, cancer_rows: Any
+) -> None:
+    extra = "steps = [25, 50, 100]\nstep_interval_s = 10\ngates = { max_error_rate = 0.05, max_p99_ms = 10000, min_requests = 20 }\n"
+    client, serving = await start(
+        write_config(canary(repo, "v2", weights="v1 = 90, v2 = 10", extra=extra))
+    )
+    c = serving.controllers["cancer"]
+    t0 = c._step_started
+    assert c.weight == pytest.approx(10.0) and c.status == "progressing"
+    assert c.tick(t0 + 11) == "wait"  # no canary traffic yet: too few samples to judge
+    await send(client, cancer_rows, 400)
+    assert c.tick(t0 + 5) is None  # gates hold, but the step interval has not passed
+    assert c.tick(t0 + 11) == "step" and c.weight == 25.0
+    assert serving.plan.models["cancer"].strategy.split() == {"v1": 0.75, "v2": 0.25}
+    await send(client, cancer_rows, 200, offset=400)
+    assert c.tick(t0 + 22) == "step" and c.weight == 50.0
+    await send(client, cancer_rows, 100, offset=600)
+    assert c.tick(t0 + 33) == "promote" and c.status == "promoted"
+    assert set(await send(client, cancer_rows, 30, offset=700)) == {"v2"}
+    events = [e["event"] for e in serving.audit.read()]
+    assert events[-3:] == ["rollout_step", "rollout_step", "rollout_promote"]
+    saved = orjson.loads(serving.state.path.read_bytes())["models"]["cancer"]
+    assert saved["status"] == "promoted" and saved["weight"] == 100.0
+
+
+async def test_wrong_answers_roll_back_automatically_without_a_client_error(
+    start: Any, write_config: Any, repo: Path, cancer_rows: Any
+) -> None:
+    build_wrong(repo)
+    extra = "gates = { min_agreement = 0.9, min_requests = 20 }\n"
+    client, serving = await start(
+        write_config(canary(repo, "wrong", weights="v1 = 50, wrong = 50", extra=extra))
+    )
+    answered = await send(client, cancer_rows, 120)
+    assert answered.count("wrong") >= 20
+    await asyncio.wait_for(serving.plan.models["cancer"].lanes["v1"].drained(), timeout=10)
+    c = serving.controllers["cancer"]
+    assert c.tick(c._step_started + 1) == "rollback"
+    assert c.status == "rolled_back" and c.weight == 0.0
+    alerts = serving.alerts.list()
+    assert (
+        alerts[-1]["kind"] == "canary_rollback"
+        and "agreement with v1 0.0000 < min_agreement 0.9" in alerts[-1]["message"]
+    )
+    assert set(await send(client, cancer_rows, 50, offset=200)) == {"v1"}
+
+
+async def test_failing_canary_falls_back_and_rolls_back(
+    start: Any, write_config: Any, repo: Path, cancer_rows: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    build_broken(repo)
+    extra = "gates = { max_error_rate = 0.05, min_requests = 20 }\n"
+    client, serving = await start(
+        write_config(canary(repo, "broken", weights="v1 = 50, broken = 50", extra=extra))
+    )
+    with caplog.at_level(logging.ERROR, logger="mlproxy"):
+        answered = await send(client, cancer_rows, 100)  # every one 200: the broken ones fell back
+    assert set(answered) == {"v1"}
+    broken = serving.plan.models["cancer"].stats["broken"]
+    assert broken.requests >= 20 and broken.errors == broken.requests
+    assert serving.fallbacks[("cancer", "broken")] == broken.errors
+    c = serving.controllers["cancer"]
+    assert c.tick(c._step_started + 1) == "rollback"
+    assert "error rate 1.0000 > max_error_rate 0.05" in serving.alerts.list()[-1]["message"]
+
+
+async def test_remote_canary_5xx_falls_back(
+    start: Any, write_config: Any, model_repo: Path, aiohttp_raw_server: Any, cancer_rows: Any
+) -> None:
+    _, upstream = await start(write_config(model_section(repo=model_repo)))
+    plane = DataPlane(upstream)
+
+    async def failing(request: web.BaseRequest) -> web.StreamResponse:
+        if request.method == "POST":
+            return web.json_response({"error": "model server exploded"}, status=500)
+        return await plane.handle(request)  # metadata still answers
+
+    server = await aiohttp_raw_server(failing)
+    versions = {
+        "v1": f'{{ path = "{model_repo}/cancer/v1" }}',
+        "v3": f'{{ url = "http://127.0.0.1:{server.port}/v2/models/cancer" }}',
+    }
+    section = model_section(mode="canary", repo=model_repo, versions=versions)
+    client, serving = await start(
+        write_config(section + "[models.cancer.canary]\nweights = { v1 = 1, v3 = 1 }\n")
+    )
+    answered = await send(client, cancer_rows, 40)
+    assert set(answered) == {"v1"}
+    assert serving.plan.models["cancer"].stats["v3"].errors > 0
+
+
+async def test_rollback_survives_a_restart_until_the_canary_is_edited(
+    write_config: Any, repo: Path, aiohttp_client: Any
+) -> None:
+    text = canary(
+        repo, "v2", weights="v1 = 90, v2 = 10", extra="gates = { max_error_rate = 0.01 }\n"
+    )
+    config = write_config(text)
+    serving = await create_serving(config)
+    try:
+        serving.controllers["cancer"].rollback(cause="test")
+    finally:
+        await close_serving(serving)
+    serving = await create_serving(config)  # a restart
+    try:
+        c = serving.controllers["cancer"]
+        assert c.status == "rolled_back" and c.weight == 0.0 and c.cause.startswith("restored")
+        assert serving.plan.models["cancer"].strategy.split() == {"v1": 1.0, "v2": 0.0}
+    finally:
+        await close_serving(serving)
+    edited = write_config(text.replace("v1 = 90, v2 = 10", "v1 = 80, v2 = 20"))
+    serving = await create_serving(edited)  # a new rollout: the old decision no longer applies
+    try:
+        c = serving.controllers["cancer"]
+        assert c.status == "holding" and c.weight == 20.0
+        assert serving.state.get("cancer") is None
+    finally:
+        await close_serving(serving)
+
+
+async def test_admin_api_needs_the_token_when_set(
+    start: Any,
+    write_config: Any,
+    repo: Path,
+    aiohttp_client: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setenv("MLPROXY_ADMIN_TOKEN", "s3cret-token")
+    _, serving = await start(
+        write_config(
+            canary(
+                repo, "v2", weights="v1 = 90, v2 = 10", extra="gates = { max_error_rate = 0.5 }\n"
+            )
+        )
+    )
+    admin = await aiohttp_client(create_admin_app(serving))
+    with caplog.at_level(logging.WARNING, logger="mlproxy.admin"):
+        resp = await admin.post("/admin/models/cancer/promote")
+        assert resp.status == 401 and resp.headers["WWW-Authenticate"] == "Bearer"
+        resp = await admin.post(
+            "/admin/models/cancer/promote", headers={"Authorization": "Bearer wrong"}
+        )
+        assert resp.status == 401
+    assert "s3cret-token" not in caplog.text and "wrong" in caplog.text
+    assert serving.controllers["cancer"].weight == 10.0  # nothing happened
+    auth = {"Authorization": "Bearer s3cret-token"}
+    resp = await admin.post("/admin/models/cancer/promote", headers=auth)
+    assert resp.status == 200 and (await resp.json())["status"] == "promoted"
+    resp = await admin.post("/admin/models/cancer/rollback", headers=auth)
+    assert (await resp.json())["weight"] == 0.0
+    resp = await admin.post("/admin/reload", headers=auth)
+    assert resp.status == 200 and (await resp.json())["outcome"] == "ok"
+    status = await (await admin.get("/admin/status")).json()  # reading needs no token
+    assert status["models"]["cancer"]["rollout"]["status"] == "rolled_back"
+    alerts = await (await admin.get("/admin/alerts")).json()
+    assert alerts["alerts"][-1]["kind"] == "canary_rollback"
+    resp = await admin.post("/admin/models/nope/promote", headers=auth)
+    assert resp.status == 404
+
+
+async def test_without_token_mutations_need_a_loopback_admin(
+    start: Any,
+    write_config: Any,
+    model_repo: Path,
+    aiohttp_client: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("MLPROXY_ADMIN_TOKEN", raising=False)
+    config = write_config('[admin]\nhost = "0.0.0.0"\nport = 0\n' + model_section(repo=model_repo))
+    _, serving = await start(config)
+    admin = await aiohttp_client(create_admin_app(serving))
+    resp = await admin.post("/admin/reload")
+    assert resp.status == 403 and "not set" in (await resp.json())["error"]
+    resp = await admin.post("/admin/models/cancer/promote")
+    assert resp.status == 403
+    assert (await admin.get("/admin/status")).status == 200
+
+
+async def test_promote_without_a_canary_is_a_conflict(
+    start: Any, write_config: Any, model_repo: Path, aiohttp_client: Any
+) -> None:
+    _, serving = await start(write_config(model_section(repo=model_repo)))
+    admin = await aiohttp_client(create_admin_app(serving))
+    resp = await admin.post("/admin/models/cancer/promote")
+    assert resp.status == 409 and "no canary rollout" in (await resp.json())["error"]
