@@ -90,6 +90,7 @@ class RolloutController:
         self.canary: str = c.canary
         self.stable = model.stable
         self.key = rollout_key(model)
+        self.digest = ""  # the config digest in force, for the audit log (Serving keeps it current)
         self._canary_stats = canary_stats
         self._stable_stats = stable_stats
         self._state = state
@@ -216,6 +217,7 @@ class RolloutController:
         self._audit.append(
             event,
             model=self.model.name,
+            digest=self.digest,
             canary=self.canary,
             weight_before=before,
             weight_after=weight,

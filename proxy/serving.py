@@ -127,6 +127,7 @@ class Serving:
             if old is not None and old.key == rollout_key(mp.config):
                 controllers[name] = old  # same rollout: keep its step clock and counters
                 old.model = mp.config
+                old.digest = self.plan.config.digest
                 self._apply_weights(name, old.weights())
                 continue
             controllers[name] = RolloutController(
@@ -139,6 +140,8 @@ class Serving:
                 apply=functools.partial(self._apply_weights, name),
                 now=now,
             )
+        for c in controllers.values():
+            c.digest = self.plan.config.digest
         self.controllers = controllers
 
     def _apply_weights(self, model: str, weights: dict[str, float]) -> None:
