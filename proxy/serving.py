@@ -140,8 +140,8 @@ class Serving:
                 apply=functools.partial(self._apply_weights, name),
                 now=now,
             )
-        for c in controllers.values():
-            c.digest = self.plan.config.digest
+        for controller in controllers.values():
+            controller.digest = self.plan.config.digest
         self.controllers = controllers
 
     def _apply_weights(self, model: str, weights: dict[str, float]) -> None:
