@@ -84,8 +84,14 @@ def model_section(
 def write_config(tmp_path: Path) -> Callable[..., Config]:
     """Write a config.toml (base + model sections) and load it through the real loader."""
 
-    def write(models: str, *, max_body: int = 4 * 1024 * 1024, max_inflight: int = 512) -> Config:
-        path = tmp_path / "config.toml"
+    def write(
+        models: str,
+        *,
+        max_body: int = 4 * 1024 * 1024,
+        max_inflight: int = 512,
+        name: str = "config.toml",
+    ) -> Config:
+        path = tmp_path / name
         path.write_text(BASE_CONFIG.format(max_body=max_body, max_inflight=max_inflight) + models)
         return load_config(path)
 
@@ -136,3 +142,17 @@ def reference(
     )
     label, probs = session.run(["label", "probabilities"], {"input": rows.astype(np.float32)})
     return {"label": label, "probabilities": probs}
+
+
+@pytest.fixture
+async def gated_upstream(aiohttp_raw_server: Any, write_config: Any, model_repo: Path) -> Any:
+    """A second mlproxy serving cancer v2 as a remote upstream: (gated server, aiohttp server, url).
+    While `gate` is clear, its infer answers wait."""
+    from .upstream import start_upstream
+
+    config = write_config(model_section(repo=model_repo, stable="v2"), name="upstream.toml")
+    serving = await create_serving(config, rng=random.Random(0))
+    up, server, url = await start_upstream(aiohttp_raw_server, serving)
+    yield up, server, url
+    up.gate.set()
+    await close_serving(serving)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 from typing import Any
 
@@ -10,20 +9,9 @@ import numpy as np
 import pytest
 
 from proxy.errors import ConfigError
-from proxy.serving import close_serving, create_serving
+from proxy.serving import create_serving
 
 from .conftest import infer_body, model_section, reference
-from .upstream import start_upstream
-
-
-@pytest.fixture
-async def upstream(aiohttp_raw_server: Any, write_config: Any, model_repo: Path) -> Any:
-    serving = await create_serving(
-        write_config(model_section(repo=model_repo, stable="v2")), rng=random.Random(0)
-    )
-    up, server, url = await start_upstream(aiohttp_raw_server, serving)
-    yield up, server, url
-    await close_serving(serving)
 
 
 def remote_config(model_repo: Path, url: str, timeout_ms: int = 2000) -> str:
@@ -37,9 +25,9 @@ def remote_config(model_repo: Path, url: str, timeout_ms: int = 2000) -> str:
 
 
 async def test_remote_version_answers_like_the_local_one(
-    start: Any, write_config: Any, model_repo: Path, upstream: Any, cancer_rows: Any
+    start: Any, write_config: Any, model_repo: Path, gated_upstream: Any, cancer_rows: Any
 ) -> None:
-    up, _, url = upstream
+    up, _, url = gated_upstream
     client, _ = await start(write_config(remote_config(model_repo, url)))
     rows = cancer_rows[100:140]
     resp = await client.post("/v2/models/cancer/versions/v3/infer", json=infer_body(rows, rid="r1"))
@@ -59,9 +47,9 @@ async def test_remote_version_answers_like_the_local_one(
 
 
 async def test_remote_timeout_is_504_and_dead_upstream_is_502(
-    start: Any, write_config: Any, model_repo: Path, upstream: Any, cancer_rows: Any
+    start: Any, write_config: Any, model_repo: Path, gated_upstream: Any, cancer_rows: Any
 ) -> None:
-    up, server, url = upstream
+    up, server, url = gated_upstream
     client, _ = await start(write_config(remote_config(model_repo, url, timeout_ms=100)))
     up.gate.clear()
     resp = await client.post(

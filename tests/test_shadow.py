@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import random
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from proxy.serving import close_serving, create_serving
-
 from .conftest import infer_body, model_section, reference
-from .upstream import start_upstream
 
 
 def shadow_config(
@@ -52,21 +48,10 @@ async def test_local_mirror_is_compared_with_the_primary(
     assert mp.stats["v2"].requests == 0  # a mirror never answers a client
 
 
-@pytest.fixture
-async def gated(aiohttp_raw_server: Any, write_config: Any, model_repo: Path) -> Any:
-    serving = await create_serving(
-        write_config(model_section(repo=model_repo, stable="v2")), rng=random.Random(0)
-    )
-    up, server, url = await start_upstream(aiohttp_raw_server, serving)
-    yield up, server, url
-    up.gate.set()
-    await close_serving(serving)
-
-
 async def test_slow_mirror_costs_the_primary_nothing(
-    start: Any, write_config: Any, model_repo: Path, gated: Any, cancer_rows: Any
+    start: Any, write_config: Any, model_repo: Path, gated_upstream: Any, cancer_rows: Any
 ) -> None:
-    up, _, url = gated
+    up, _, url = gated_upstream
     config = write_config(
         shadow_config(
             model_repo, mirror="v3", url=url, extra="queue_rows = 16\ntimeout_ms = 60000\n"
@@ -95,9 +80,9 @@ async def test_slow_mirror_costs_the_primary_nothing(
 
 
 async def test_dead_mirror_trips_the_breaker(
-    start: Any, write_config: Any, model_repo: Path, gated: Any, cancer_rows: Any
+    start: Any, write_config: Any, model_repo: Path, gated_upstream: Any, cancer_rows: Any
 ) -> None:
-    _, server, url = gated
+    _, server, url = gated_upstream
     extra = "breaker_failures = 3\nbreaker_pause_s = 3600\ntimeout_ms = 200\n"
     client, serving = await start(
         write_config(shadow_config(model_repo, mirror="v3", url=url, extra=extra))
@@ -121,9 +106,9 @@ async def test_dead_mirror_trips_the_breaker(
 
 
 async def test_mirror_that_times_out_is_counted_not_raised(
-    start: Any, write_config: Any, model_repo: Path, gated: Any, cancer_rows: Any
+    start: Any, write_config: Any, model_repo: Path, gated_upstream: Any, cancer_rows: Any
 ) -> None:
-    up, _, url = gated
+    up, _, url = gated_upstream
     extra = "breaker_failures = 100\ntimeout_ms = 50\n"
     client, serving = await start(
         write_config(shadow_config(model_repo, mirror="v3", url=url, extra=extra))
