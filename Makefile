@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck unit bench install clean models
+.PHONY: run test lint typecheck unit bench install clean models debs
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,7 +28,10 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-unit: $(STAMP)
+debs:
+	./tools/ensure-debs.sh
+
+unit: $(STAMP) debs
 	$(BIN)/pytest
 
 test: lint typecheck unit

@@ -6,18 +6,30 @@ import hmac
 import ipaddress
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
 from .backends import LocalBackend
-from .monitor.metrics import CONTENT_TYPE, Registry, Snapshot, VersionView, create_registry, render
+from .monitor.metrics import (
+    CONTENT_TYPE,
+    MonitorSnapshot,
+    MonitorView,
+    Registry,
+    Snapshot,
+    VersionView,
+    create_registry,
+    render,
+)
 from .serving import Serving
 
 SERVING = web.AppKey("serving", Serving)
 REGISTRY = web.AppKey("registry", Registry)
 log = logging.getLogger("mlproxy.admin")
+DASHBOARD = Path(__file__).with_name("dashboard.html")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -54,8 +66,88 @@ def snapshot(serving: Serving) -> Snapshot:
         plan.loaded_at,
         reloads=dict(serving.reloads),
         rollouts={name: c.status for name, c in serving.controllers.items()},
-        alerts=len(serving.alerts.list()),
+        alerts=len(serving.alerts.recent()),
     )
+
+
+LEVELS = {"ok": 0, "warn": 1, "alert": 2}
+
+
+def monitor_snapshot(serving: Serving) -> MonitorSnapshot:
+    w = serving.watch
+    w.flush()
+    views = []
+    for (model, version), vw in w.versions.items():
+        mp = serving.plan.models.get(model)
+        if mp is None or version not in mp.backends:
+            continue
+        backend = mp.backends[version]
+        mon = vw.monitor
+        rates = mon.rates() if mon else {"out_of_range": None, "repeats": None, "duplicates": None}
+        bs = backend.batcher.stats if isinstance(backend, LocalBackend) else None
+        views.append(
+            MonitorView(
+                model=model,
+                version=version,
+                names=mon.baseline.names if mon else [],
+                short=mon.judged.get("short") if mon else None,
+                long=mon.judged.get("long") if mon else None,
+                levels={k[0]: LEVELS[lv] for k, lv in mon.levels.items()} if mon else {},
+                out_of_range=rates["out_of_range"],
+                duplicates=rates["duplicates"],
+                accuracy_short=vw.accuracy.accuracy("short"),
+                accuracy_long=vw.accuracy.accuracy("long"),
+                holdout_accuracy=vw.holdout_accuracy,
+                queue_wait=bs.queue_wait if bs else None,
+                batch_rows=dict(bs.batch_rows_hist) if bs else {},
+            )
+        )
+    kinds: dict[str, int] = {}
+    for a in serving.alerts.open_alerts():
+        kinds[a["kind"]] = kinds.get(a["kind"], 0) + 1
+    return MonitorSnapshot(
+        versions=views,
+        loop_lag_s=w.loop_lag_s,
+        nonfinite=dict(w.nonfinite),
+        feedback=dict(w.feedback),
+        webhook=dict(serving.webhook.counts) if serving.webhook else {},
+        open_alerts=kinds,
+    )
+
+
+def _monitoring_summary(vw: Any) -> dict[str, Any]:
+    """Drift in a line per window: rows judged, the worst distribution and its scores."""
+    mon = vw.monitor
+    doc: dict[str, Any] = {
+        "accuracy": {
+            "short": _round(vw.accuracy.accuracy("short")),
+            "long": _round(vw.accuracy.accuracy("long")),
+            "holdout": vw.holdout_accuracy,
+            "labelled_rows": vw.accuracy.rows,
+        },
+    }
+    if mon is None:
+        doc["drift"] = None
+        return doc
+    drift: dict[str, Any] = {}
+    for window in ("short", "long"):
+        j = mon.judged.get(window)
+        if j is None:
+            drift[window] = None
+            continue
+        i = int(j.psi.argmax())
+        drift[window] = {
+            "rows": j.rows,
+            "worst": mon.baseline.names[i],
+            "psi": _round(j.psi[i]),
+            "ks": _round(j.ks[i]),
+            "js": _round(j.js[i]),
+            "chi2_p": _round(j.chi2_p),
+        }
+    doc["drift"] = drift
+    doc["levels"] = {k[0]: lv for k, lv in mon.levels.items() if lv != "ok"}
+    doc["rates"] = mon.rates()
+    return doc
 
 
 def status(serving: Serving) -> dict[str, Any]:
@@ -85,6 +177,9 @@ def status(serving: Serving) -> dict[str, Any]:
                     "queue_depth": backend.batcher.queue_depth,
                     "shed": bs.shed,
                 }
+            vw = serving.watch.versions.get((mp.name, v))
+            if vw is not None:
+                doc["monitoring"] = _monitoring_summary(vw)
             lane = mp.lanes.get(v)
             if lane is not None:
                 doc["mirror"]["queued_rows"] = lane.queued_rows
@@ -109,9 +204,78 @@ def status(serving: Serving) -> dict[str, Any]:
         },
         "inflight": serving.inflight,
         "shed": serving.shed,
-        "alerts": len(serving.alerts.list()),
+        "loop_lag_ms": round(serving.watch.loop_lag_s * 1000, 3),
+        "alerts": len(serving.alerts.recent()),
+        "open_alerts": serving.alerts.open_alerts(),
         "models": models,
     }
+
+
+def _round(v: float | None, digits: int = 5) -> float | None:
+    return None if v is None else round(float(v), digits)
+
+
+def monitor_doc(serving: Serving) -> dict[str, Any]:
+    """What the dashboard draws (GET /admin/monitor): per model and version, latency over time,
+    feature histograms against their baseline, drift scores, agreement, accuracy, open alerts."""
+    serving.watch.flush()
+    plan = serving.plan
+    models: dict[str, Any] = {}
+    for name, mp in plan.models.items():
+        d = mp.config.drift
+        versions: dict[str, Any] = {}
+        for v in mp.backends:
+            st = mp.stats[v]
+            vw = serving.watch.versions.get((name, v))
+            mon = vw.monitor if vw else None
+            doc: dict[str, Any] = {
+                "requests": st.requests,
+                "errors": st.errors,
+                "latency_ms": {
+                    k: _round(None if (q := st.latency.quantile(p)) is None else q * 1000, 4)
+                    for k, p in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99))
+                },
+                "history": [
+                    {k: h[k] for k in ("ts", "p50", "p90", "p99", "rps")}
+                    for h in (vw.history if vw else [])
+                ],
+                "features": [],
+                "drift": [],
+                "agreement": _round(st.mirror.agreement()),
+                "accuracy": {
+                    "short": _round(vw.accuracy.accuracy("short")) if vw else None,
+                    "long": _round(vw.accuracy.accuracy("long")) if vw else None,
+                    "holdout": vw.holdout_accuracy if vw else None,
+                },
+                "rates": mon.rates()
+                if mon
+                else {"out_of_range": None, "repeats": None, "duplicates": None},
+            }
+            if mon is not None:
+                assert isinstance(mp.backends[v], LocalBackend)
+                manifest_feats = mp.backends[v].model.manifest.raw["baseline"]["features"]  # type: ignore[attr-defined]
+                for f, h in zip(manifest_feats, mon.histograms(), strict=True):
+                    doc["features"].append({**h, "edges": f["edges"]})
+                short, long = mon.judged.get("short"), mon.judged.get("long")
+                for i, fname in enumerate(mon.baseline.names):
+                    doc["drift"].append(
+                        {
+                            "name": fname,
+                            "psi_short": None if short is None else _round(short.psi[i]),
+                            "psi_long": None if long is None else _round(long.psi[i]),
+                            "ks_short": None if short is None else _round(short.ks[i]),
+                            "js_short": None if short is None else _round(short.js[i]),
+                            "level": mon.levels.get((fname, "psi", "any"), "ok"),
+                        }
+                    )
+            versions[v] = doc
+        models[name] = {
+            "mode": mp.config.mode,
+            "split": mp.strategy.split(),
+            "thresholds": {"psi_warn": d.psi_warn, "psi_alert": d.psi_alert},
+            "versions": versions,
+        }
+    return {"ts": time.time(), "models": models, "alerts": serving.alerts.open_alerts()}
 
 
 def is_loopback(host: str) -> bool:
@@ -177,7 +341,24 @@ async def _metrics(request: web.Request) -> web.Response:
 
 
 async def _alerts(request: web.Request) -> web.Response:
-    return web.json_response({"alerts": request.app[SERVING].alerts.list()})
+    alerts = request.app[SERVING].alerts
+    return web.json_response({"open": alerts.open_alerts(), "alerts": alerts.recent()})
+
+
+async def _monitor(request: web.Request) -> web.Response:
+    return web.json_response(monitor_doc(request.app[SERVING]))
+
+
+async def _dashboard(request: web.Request) -> web.Response:
+    try:
+        page = DASHBOARD.read_bytes()
+    except OSError:
+        return web.json_response(
+            {"error": f"dashboard page missing from the install ({DASHBOARD})"}, status=404
+        )
+    return web.Response(
+        body=page, content_type="text/html", charset="utf-8", headers={"Cache-Control": "no-cache"}
+    )
 
 
 async def _reload(request: web.Request) -> web.Response:
@@ -220,9 +401,15 @@ async def _rollback(request: web.Request) -> web.Response:
 def create_admin_app(serving: Serving, registry: Registry | None = None) -> web.Application:
     app = web.Application()
     app[SERVING] = serving
-    app[REGISTRY] = registry if registry is not None else create_registry(lambda: snapshot(serving))
+    app[REGISTRY] = (
+        registry
+        if registry is not None
+        else create_registry(lambda: snapshot(serving), lambda: monitor_snapshot(serving))
+    )
     app.router.add_get("/admin/status", _status)
     app.router.add_get("/admin/alerts", _alerts)
+    app.router.add_get("/admin/monitor", _monitor)
+    app.router.add_get("/dashboard", _dashboard)
     app.router.add_get("/metrics", _metrics)
     app.router.add_post("/admin/reload", mutation_guard(serving, _reload))
     app.router.add_post("/admin/models/{name}/promote", mutation_guard(serving, _promote))

@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable
 from time import perf_counter
 from typing import Any
 
+import numpy as np
 import orjson
 from aiohttp import web
 
@@ -15,13 +16,14 @@ from .errors import (
     InvalidInputError,
     MethodNotAllowedError,
     ModelNotFoundError,
+    NonFiniteInputError,
     NotFoundError,
     OverloadedError,
     PayloadTooLargeError,
     ProxyError,
 )
 from .plan import ModelPlan, Plan
-from .protocol import BINARY_HEADER, encode_infer_response, parse_infer_request
+from .protocol import BINARY_HEADER, encode_infer_response, parse_infer_request, parse_json_object
 from .routing import Route
 from .serving import Serving
 
@@ -117,11 +119,7 @@ class DataPlane:
                 return _json({"name": name, "version": parts[4], "ready": True})
             if n == 4 and parts[3] == "feedback":
                 _allow(request, ("POST",))
-                self._model(plan, name)
-                return _json(
-                    {"error": "feedback (concept drift) is not implemented in this release"},
-                    status=501,
-                )
+                return await self._feedback(request, plan, name)
         elif n == 1:
             _allow(request, ("GET",))
             return _json(
@@ -168,6 +166,32 @@ class DataPlane:
             doc["parameters"] = meta
         return doc
 
+    async def _feedback(
+        self, request: web.BaseRequest, plan: Plan, name: str
+    ) -> web.StreamResponse:
+        """Ground truth for an earlier answer: {"id": <request id>, "label": <class or list>}."""
+        s = self.serving
+        mp = self._model(plan, name)
+        if not mp.config.drift.enabled:
+            raise InvalidInputError(
+                f"monitoring is off for {name} (models.{name}.drift.enabled = false)"
+            )
+        doc = parse_json_object(await read_body(request, s.config.server.max_body_bytes))
+        rid = doc.get("id")
+        if not isinstance(rid, str) or not rid:
+            raise InvalidInputError('"id" must be the id of an earlier inference request')
+        if "label" not in doc:
+            raise InvalidInputError(
+                '"label" is missing: the true class of each row of that request'
+            )
+        outcome = s.watch.join(name, rid, _labels(doc["label"]))
+        if isinstance(outcome, str):
+            if outcome.startswith("no stored prediction"):
+                raise NotFoundError(outcome)
+            raise InvalidInputError(outcome)
+        version, rows = outcome
+        return _json({"id": rid, "model_name": name, "model_version": version, "rows": rows})
+
     async def _infer(
         self, request: web.BaseRequest, plan: Plan, name: str, version: str | None
     ) -> web.StreamResponse:
@@ -193,7 +217,11 @@ class DataPlane:
                 raise InvalidInputError(
                     f"Inference-Header-Content-Length must be an integer, not {raw_hl!r}"
                 ) from None
-        req = parse_infer_request(body, backend.input, header_length=header_length)
+        try:
+            req = parse_infer_request(body, backend.input, header_length=header_length)
+        except NonFiniteInputError:
+            s.watch.nonfinite[name] = s.watch.nonfinite.get(name, 0) + 1
+            raise
         stats = mp.stats[route.primary]
         stats.requests += 1
         stats.rows += req.x.shape[0]
@@ -241,11 +269,26 @@ class DataPlane:
         if answered == route.primary:
             for m in route.mirrors:
                 mp.lanes[m].offer(req.x, outputs)
+        if mp.config.drift.enabled:
+            s.watch.remember(name, req.id, answered, outputs)
         headers = {"x-model-version": answered}
         if hlen is None:
             return web.Response(body=payload, content_type=JSON, headers=headers)
         headers[BINARY_HEADER] = str(hlen)
         return web.Response(body=payload, content_type="application/octet-stream", headers=headers)
+
+
+def _labels(value: Any) -> np.ndarray[Any, Any]:
+    """Ground-truth labels from a feedback body: an integer, or a list of integers (one per row)."""
+    try:
+        arr = np.asarray(value)
+    except ValueError:
+        raise InvalidInputError("label must be an integer class or a flat list of them") from None
+    if arr.dtype.kind not in "iub" or arr.ndim > 1:
+        raise InvalidInputError(
+            f"label must be an integer class or a flat list of them, not {value!r}"[:200]
+        )
+    return arr.reshape(-1).astype(np.int64)
 
 
 def _allow(request: web.BaseRequest, methods: tuple[str, ...]) -> None:

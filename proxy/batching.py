@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from time import thread_time
+from time import perf_counter, thread_time
 from typing import Any
 
 import numpy as np
 
 from .config import BatchingConfig, LimitsConfig
 from .errors import OverloadedError, UpstreamError
+from .monitor.stats import LatencyHistogram
 from .runner import Runner
 
+log = logging.getLogger("mlproxy.batching")
 Array = np.ndarray[Any, Any]
 RunFn = Callable[[Array], dict[str, Array]]
+Observer = Callable[[Array, dict[str, Array]], None]
 COST_SMOOTHING = 0.1  # weight of the newest run in the moving average of a run's cost
 SIZE_CLASSES = 8  # batch sizes 1, 2-3, 4-7, ..., 64-127, 128+: a run's cost is mostly fixed
 
@@ -45,6 +49,7 @@ class BatchStats:
     last_wait_s: float = 0.0
     run_cost_s: list[float | None] = field(default_factory=lambda: [None] * SIZE_CLASSES)
     batch_rows_hist: dict[int, int] = field(default_factory=dict)
+    queue_wait: LatencyHistogram = field(default_factory=LatencyHistogram)
 
 
 class Batcher:
@@ -89,7 +94,8 @@ class Batcher:
         self.inline_max_s = inline_max_s
         self.max_runs = max_runs
         self.name = name
-        self._clock = clock
+        self._clock = clock or perf_counter  # queue waits are sub-millisecond: not uvloop's clock
+        self.observer: Observer | None = None  # sees every run's rows and outputs (monitoring)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending: deque[_Waiter] = deque()
         self._pending_rows = 0
@@ -128,7 +134,7 @@ class Batcher:
         if self._closed:
             raise UpstreamError(f"{self.name} is shutting down")
         fut: asyncio.Future[dict[str, Array]] = loop.create_future()
-        self._pending.append(_Waiter(x, fut, (self._clock or loop.time)()))
+        self._pending.append(_Waiter(x, fut, self._clock()))
         self._pending_rows += x.shape[0]
         if self._in_flight == 0:
             if not self._scheduled:
@@ -156,8 +162,7 @@ class Batcher:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        loop = self._loop or asyncio.get_running_loop()
-        now = (self._clock or loop.time)()
+        now = self._clock()
         batch: list[_Waiter] = []
         rows = 0
         while self._pending:
@@ -185,6 +190,7 @@ class Batcher:
         self._in_flight += 1
         self._idle.clear()
         self.stats.last_wait_s = now - batch[0].enqueued
+        self.stats.queue_wait.observe(self.stats.last_wait_s)
         x = batch[0].x if len(batch) == 1 else np.concatenate([w.x for w in batch])
         cost = self.stats.run_cost_s[size_class(rows)]
         if cost is not None and cost <= self.inline_max_s:
@@ -192,12 +198,12 @@ class Batcher:
             try:
                 outputs = self._timed_run(x)
             except Exception as exc:  # a failed run fails its requests, never the loop
-                self._finish(None, exc, batch, rows)
+                self._finish(None, exc, batch, rows, x)
             else:
-                self._finish(outputs, None, batch, rows)
+                self._finish(outputs, None, batch, rows, x)
             return
         self._runner.call(
-            self._timed_run, x, lambda result, exc: self._finish(result, exc, batch, rows)
+            self._timed_run, x, lambda result, exc: self._finish(result, exc, batch, rows, x)
         )
 
     def _timed_run(self, x: Array) -> dict[str, Array]:
@@ -219,6 +225,7 @@ class Batcher:
         exc: BaseException | None,
         batch: list[_Waiter],
         rows: int,
+        x: Array,
     ) -> None:
         self._in_flight -= 1
         if self._in_flight == 0:
@@ -235,6 +242,11 @@ class Batcher:
                 if not w.future.done():
                     w.future.set_exception(err)
         else:
+            if self.observer is not None:
+                try:
+                    self.observer(x, outputs)
+                except Exception:  # monitoring must never fail a request
+                    log.exception("monitoring %s failed", self.name)
             start = 0
             for w in batch:
                 n = w.x.shape[0]

@@ -59,6 +59,8 @@ class AlertsConfig:
     """[alerts]"""
 
     webhook: str = ""
+    overload_lag_ms: float = 100.0  # event-loop lag that, held for overload_for_s, raises overload
+    overload_for_s: float = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +138,10 @@ class DriftConfig:
     long_window: int = 50000
     psi_warn: float = 0.1
     psi_alert: float = 0.25
+    enabled: bool = True
+    accuracy_margin: float = 0.05  # concept drift: alert when accuracy < holdout - margin
+    min_feedback: int = 100  # labelled rows a window needs before its accuracy is judged
+    predictions: int = 100_000  # predictions kept for feedback to join (oldest dropped)
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,7 +245,15 @@ def parse_config(data: dict[str, Any], *, base_dir: Path, source: str = "config.
     limits = _parse_limits(_Reader(root.table_of("limits") or {}, "limits", errors))
     batching = _parse_batching(_Reader(root.table_of("batching") or {}, "batching", errors))
     alerts_r = _Reader(root.table_of("alerts") or {}, "alerts", errors)
-    alerts = AlertsConfig(webhook=alerts_r.get("webhook", "a string", ""))
+    alerts = AlertsConfig(
+        webhook=alerts_r.get("webhook", "a string", ""),
+        overload_lag_ms=_positive(
+            alerts_r, "overload_lag_ms", "a number", AlertsConfig().overload_lag_ms
+        ),
+        overload_for_s=_positive(
+            alerts_r, "overload_for_s", "a number", AlertsConfig().overload_for_s, allow_zero=True
+        ),
+    )
     if alerts.webhook and not alerts.webhook.startswith(("http://", "https://")):
         alerts_r.error(f"must be an http(s) URL or empty, not {alerts.webhook!r}", "webhook")
     alerts_r.done()
@@ -548,9 +562,15 @@ def _parse_drift(r: _Reader) -> DriftConfig:
     long_window = _positive(r, "long_window", "an integer", d.long_window)
     warn = _positive(r, "psi_warn", "a number", d.psi_warn)
     alert = _positive(r, "psi_alert", "a number", d.psi_alert)
+    enabled = r.get("enabled", "a boolean", d.enabled)
+    margin = _positive(r, "accuracy_margin", "a number", d.accuracy_margin, allow_zero=True)
+    min_feedback = _positive(r, "min_feedback", "an integer", d.min_feedback)
+    predictions = _positive(r, "predictions", "an integer", d.predictions)
     r.done()
     if window and long_window and long_window < window:
         r.error(f"must be >= window ({window}), not {long_window}", "long_window")
     if warn and alert and alert < warn:
         r.error(f"must be >= psi_warn ({warn}), not {alert}", "psi_alert")
-    return DriftConfig(window, long_window, warn, alert)
+    if window and window < 10:
+        r.error(f"must be >= 10 rows, not {window}", "window")
+    return DriftConfig(window, long_window, warn, alert, enabled, margin, min_feedback, predictions)

@@ -22,6 +22,10 @@ class InvalidInputError(ProxyError):
     status = 400
 
 
+class NonFiniteInputError(InvalidInputError):
+    """An input value is NaN, infinite, or beyond its datatype's range (counted for monitoring)."""
+
+
 class NotFoundError(ProxyError):
     """No such route."""
 

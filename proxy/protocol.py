@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from .errors import InvalidInputError, UpstreamError
+from .errors import InvalidInputError, NonFiniteInputError, UpstreamError
 
 # V2 datatype <-> numpy dtype (little-endian, as the binary extension requires).
 DTYPES: dict[str, np.dtype[Any]] = {
@@ -170,7 +170,7 @@ def _decode_input(tensor: Any, spec: TensorSpec, binary: bytes) -> np.ndarray[An
             arr = arr.astype(want)
     if want.kind == "f" and not np.isfinite(arr).all():
         bad = int(np.flatnonzero(~np.isfinite(arr.reshape(-1)))[0])
-        raise InvalidInputError(
+        raise NonFiniteInputError(
             f"input {name!r}: value at flat index {bad} is not finite"
             f" (NaN, infinite, or outside the {spec.datatype} range)"
         )

@@ -8,6 +8,7 @@ import logging
 import os
 import random
 from pathlib import Path
+from time import perf_counter
 from typing import Any
 
 import aiohttp
@@ -19,6 +20,8 @@ from .rollout import RolloutController, rollout_key
 from .routing import create_strategy
 from .runner import Runners
 from .state import Alerts, AuditLog, StateFile
+from .watch import Watch
+from .webhook import WebhookSender
 
 log = logging.getLogger("mlproxy")
 WATCH_INTERVAL_S = 0.25
@@ -86,7 +89,10 @@ class Serving:
         self._idle = asyncio.Event()
         self._idle.set()
         self._loop = asyncio.get_running_loop()
+        self.watch = Watch(alerts)
+        self.webhook: WebhookSender | None = None
         self._attach_controllers()
+        self._attach_watch()
 
     @property
     def config(self) -> Config:
@@ -191,6 +197,7 @@ class Serving:
             old = self.plan
             self.plan = plan
             self._attach_controllers(self.controllers)
+            self._attach_watch()
             start_plan(plan)
             old.retire()
             self._spawn(self._close_when_idle(old, plan))
@@ -226,15 +233,38 @@ class Serving:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
+    def _attach_watch(self) -> None:
+        self.watch.attach(self.plan)
+        url = self.plan.config.alerts.webhook
+        if self.webhook is not None and self.webhook.url != url:
+            self.alerts.listeners.remove(self.webhook.submit)
+            self._spawn(self.webhook.close())
+            self.webhook = None
+        if url and self.webhook is None:
+            self.webhook = WebhookSender(url, self.http)
+            self.alerts.listeners.append(self.webhook.submit)
+            self.webhook.start()
+
+    def housekeeping(self, now: float | None = None) -> None:
+        """Monitoring's periodic step (the serving loop calls it; tests call it directly)."""
+        now = self._loop.time() if now is None else now
+        self.watch.housekeeping(now, self.plan, self.stats)
+
     async def run_background(self, *, watch: bool = True) -> None:
-        """Watch the config file and tick the rollouts until cancelled."""
+        """Watch the config file, tick the rollouts, measure event-loop lag, keep monitors current."""
         self.watcher = ConfigWatcher(self.config_path) if watch else None
         next_tick = 0.0
         while True:
-            await asyncio.sleep(WATCH_INTERVAL_S)  # a timer, not a synchronisation: both jobs poll
+            before = perf_counter()
+            await asyncio.sleep(WATCH_INTERVAL_S)  # a timer, not a synchronisation: these jobs poll
+            self.watch.loop_lag(perf_counter() - before - WATCH_INTERVAL_S)
             if self.watcher is not None and self.watcher.check():
                 await self.reload("file changed", only_if_changed=True)
             now = self._loop.time()
+            try:
+                self.housekeeping(now)
+            except Exception:
+                log.exception("monitoring housekeeping failed")
             if now >= next_tick:
                 self.tick(now)
                 next_tick = now + TICK_INTERVAL_S
@@ -243,6 +273,12 @@ class Serving:
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
+        if self.webhook is not None:
+            try:
+                await asyncio.wait_for(self.webhook.idle(), timeout=2.0)  # last alerts out, briefly
+            except TimeoutError:
+                pass
+            await self.webhook.close()
         await close_plan(self.plan)
         await self.http.close()
         self.runners.close()

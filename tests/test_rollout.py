@@ -89,7 +89,7 @@ async def test_wrong_answers_roll_back_automatically_without_a_client_error(
     c = serving.controllers["cancer"]
     assert c.tick(c._step_started + 1) == "rollback"
     assert c.status == "rolled_back" and c.weight == 0.0
-    alerts = serving.alerts.list()
+    alerts = serving.alerts.recent()
     assert (
         alerts[-1]["kind"] == "canary_rollback"
         and "agreement with v1 0.0000 < min_agreement 0.9" in alerts[-1]["message"]
@@ -113,7 +113,7 @@ async def test_failing_canary_falls_back_and_rolls_back(
     assert serving.fallbacks[("cancer", "broken")] == broken.errors
     c = serving.controllers["cancer"]
     assert c.tick(c._step_started + 1) == "rollback"
-    assert "error rate 1.0000 > max_error_rate 0.05" in serving.alerts.list()[-1]["message"]
+    assert "error rate 1.0000 > max_error_rate 0.05" in serving.alerts.recent()[-1]["message"]
 
 
 async def test_remote_canary_5xx_falls_back(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -14,7 +14,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from .stats import VersionStats
+from .stats import LatencyHistogram, VersionStats
+from .tracker import Judgement
 
 Registry = CollectorRegistry
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -190,13 +191,174 @@ def _le(bound: float) -> str:
     return "+Inf" if bound == float("inf") else f"{bound:.6g}"
 
 
-def create_registry(snapshot: Callable[[], Snapshot]) -> CollectorRegistry:
-    """A fresh registry holding the proxy's collector."""
+def create_registry(
+    snapshot: Callable[[], Snapshot], monitor: Callable[[], MonitorSnapshot] | None = None
+) -> CollectorRegistry:
+    """A fresh registry holding the proxy's collectors (and process RSS/CPU)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ProxyCollector(snapshot))
+    if monitor is not None:
+        registry.register(MonitorCollector(monitor))
+    ProcessCollector(registry=registry)
     return registry
 
 
 def render(registry: CollectorRegistry) -> bytes:
     data: bytes = generate_latest(registry)
     return data
+
+
+@dataclass(frozen=True, slots=True)
+class MonitorView:
+    """What monitoring knows of one version, as the exporter sees it."""
+
+    model: str
+    version: str
+    names: list[str]
+    short: Judgement | None
+    long: Judgement | None
+    levels: dict[str, int]  # 0 ok, 1 warn, 2 alert, per feature or output
+    out_of_range: float | None
+    duplicates: float | None
+    accuracy_short: float | None
+    accuracy_long: float | None
+    holdout_accuracy: float | None
+    queue_wait: LatencyHistogram | None
+    batch_rows: dict[int, int]
+
+
+@dataclass(frozen=True, slots=True)
+class MonitorSnapshot:
+    versions: list[MonitorView]
+    loop_lag_s: float
+    nonfinite: dict[str, int]
+    feedback: dict[tuple[str, str], int]
+    webhook: dict[str, int]
+    open_alerts: dict[str, int]
+
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+ALERT_KINDS = ("drift", "concept_drift", "overload", "duplicate_inputs", "canary_rollback")
+
+
+class MonitorCollector(Collector):
+    """Drift scores, input anomalies, accuracy, queue waits, loop lag and alerts at scrape time."""
+
+    def __init__(self, snapshot: Callable[[], MonitorSnapshot]) -> None:
+        self._snapshot = snapshot
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self._snapshot()
+        mv = ["model", "version"]
+        score = GaugeMetricFamily(
+            "mlproxy_drift_score",
+            "Drift of a feature or output against the training baseline, per statistic and window.",
+            labels=[*mv, "feature", "statistic", "window"],
+        )
+        level = GaugeMetricFamily(
+            "mlproxy_drift_level",
+            "Drift level of a feature or output: 0 ok, 1 warn, 2 alert.",
+            labels=[*mv, "feature"],
+        )
+        chi2 = GaugeMetricFamily(
+            "mlproxy_output_chi2_pvalue",
+            "Chi-square p-value of predicted class counts against baseline.",
+            labels=[*mv, "window"],
+        )
+        oor = GaugeMetricFamily(
+            "mlproxy_input_out_of_range_ratio",
+            "Input values outside the training range (recent window).",
+            labels=mv,
+        )
+        dup = GaugeMetricFamily(
+            "mlproxy_input_duplicate_ratio",
+            "Input rows repeating a recent row (recent window).",
+            labels=mv,
+        )
+        acc = GaugeMetricFamily(
+            "mlproxy_accuracy_ratio",
+            "Accuracy on fed-back ground truth, per window.",
+            labels=[*mv, "window"],
+        )
+        holdout = GaugeMetricFamily(
+            "mlproxy_holdout_accuracy_ratio",
+            "Holdout accuracy from the version's manifest.",
+            labels=mv,
+        )
+        wait = HistogramMetricFamily(
+            "mlproxy_queue_wait_seconds",
+            "How long a batch's first request waited for its run.",
+            labels=mv,
+        )
+        rows = HistogramMetricFamily(
+            "mlproxy_batch_size_rows", "Rows per onnxruntime run.", labels=mv
+        )
+        for v in snap.versions:
+            lv = [v.model, v.version]
+            for window, j in (("short", v.short), ("long", v.long)):
+                if j is None:
+                    continue
+                for i, name in enumerate(v.names):
+                    for stat, arr in (("psi", j.psi), ("ks", j.ks), ("js", j.js)):
+                        score.add_metric([*lv, name, stat, window], float(arr[i]))
+                if j.chi2_p is not None:
+                    chi2.add_metric([*lv, window], j.chi2_p)
+            for name, lvl in v.levels.items():
+                level.add_metric([*lv, name], lvl)
+            if v.out_of_range is not None:
+                oor.add_metric(lv, v.out_of_range)
+            if v.duplicates is not None:
+                dup.add_metric(lv, v.duplicates)
+            for window, a in (("short", v.accuracy_short), ("long", v.accuracy_long)):
+                if a is not None:
+                    acc.add_metric([*lv, window], a)
+            if v.holdout_accuracy is not None:
+                holdout.add_metric(lv, v.holdout_accuracy)
+            if v.queue_wait is not None:
+                buckets = [(_le(b), c) for b, c in v.queue_wait.cumulative_export()]
+                wait.add_metric(lv, buckets, v.queue_wait.sum)
+            if v.batch_rows:
+                cum, out, total = 0, [], 0
+                for b in BATCH_BUCKETS:
+                    cum = sum(c for r, c in v.batch_rows.items() if r <= b)
+                    out.append((str(b), cum))
+                total = sum(v.batch_rows.values())
+                out.append(("+Inf", total))
+                rows.add_metric(lv, out, float(sum(r * c for r, c in v.batch_rows.items())))
+        yield from (score, level, chi2, oor, dup, acc, holdout, wait, rows)
+        yield GaugeMetricFamily(
+            "mlproxy_event_loop_lag_seconds",
+            "How late the event loop ran a 250 ms timer.",
+            value=snap.loop_lag_s,
+        )
+        nonfinite = CounterMetricFamily(
+            "mlproxy_input_nonfinite",
+            "Requests refused for NaN or infinite input values.",
+            labels=["model"],
+        )
+        for model, n in snap.nonfinite.items():
+            nonfinite.add_metric([model], n)
+        yield nonfinite
+        feedback = CounterMetricFamily(
+            "mlproxy_feedback",
+            "Ground-truth labels received, by outcome.",
+            labels=["model", "outcome"],
+        )
+        for (model, outcome), n in snap.feedback.items():
+            feedback.add_metric([model, outcome], n)
+        yield feedback
+        hooks = CounterMetricFamily(
+            "mlproxy_webhook_deliveries", "Alert webhook deliveries by outcome.", labels=["outcome"]
+        )
+        for outcome in ("ok", "failed", "dropped"):
+            hooks.add_metric([outcome], snap.webhook.get(outcome, 0))
+        yield hooks
+        opened = GaugeMetricFamily(
+            "mlproxy_alerts_open", "Alerts firing now, by kind.", labels=["kind"]
+        )
+        for kind in ALERT_KINDS:
+            opened.add_metric([kind], snap.open_alerts.get(kind, 0))
+        yield opened

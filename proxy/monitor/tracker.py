@@ -1,0 +1,389 @@
+"""Streaming histograms of one version's inputs and outputs, in sliding windows, judged for drift.
+
+Everything is a numpy count vector: no row is kept. Rows are binned in bulk (one pass of numpy
+calls per flush, whatever the number of features), per-feature bins come from the manifest's
+baseline (plus an underflow and an overflow bin), and two sliding windows (`window` and
+`long_window` rows) are rings of sub-window count vectors. Each time the short window moves on
+a sub-window, every feature and output is scored against the baseline (PSI, KS, JS; chi-square
+for class counts) in both windows.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from .drift import EPS, chi_square
+
+Array = np.ndarray[Any, Any]
+SUBWINDOWS = 10  # a window is a ring of this many sub-windows
+FLUSH_ROWS = 256  # rows buffered before they are binned (amortises numpy's per-call cost)
+Level = Literal["ok", "warn", "alert"]
+Kind = Literal["sudden", "gradual"]
+
+# Layout of the scalar counters at the start of every count vector.
+ROWS, DUPLICATES, OUT_OF_RANGE, N_SCALARS = 0, 1, 2, 3
+
+
+@dataclass(frozen=True, slots=True)
+class Baseline:
+    """What the training data looked like, from a manifest: bins and fractions per distribution."""
+
+    names: list[str]  # features, then outputs ("label", "probabilities[k]" or "variable")
+    n_features: int
+    interior: Array  # [F, K] interior bin edges per feature, padded with +inf
+    mins: Array  # [F]
+    maxs: Array  # [F]
+    width: int  # bins per feature including under/overflow
+    fractions: Array  # [F, width] baseline fractions (under/over: 0)
+    classes: Array | None  # class values (classification)
+    label_fractions: Array | None  # [C]
+    prob_edges: Array | None  # [PB+1]
+    prob_fractions: Array | None  # [C, PB]
+    holdout_accuracy: float | None
+    task: str
+
+    @classmethod
+    def from_manifest(cls, raw: dict[str, Any]) -> Baseline | None:
+        base = raw.get("baseline")
+        if not isinstance(base, dict) or not base.get("features"):
+            return None
+        feats = base["features"]
+        n = len(feats)
+        width = max(len(f["edges"]) - 1 for f in feats) + 2
+        k = max(width - 3, 1)
+        interior = np.full((n, k), np.inf)
+        fractions = np.zeros((n, width))
+        for i, f in enumerate(feats):
+            edges = np.asarray(f["edges"], dtype=np.float64)
+            inner = edges[1:-1]
+            interior[i, : inner.size] = inner
+            fr = np.asarray(f["fractions"], dtype=np.float64)
+            fractions[i, 1 : 1 + fr.size] = fr
+        outs = base.get("outputs", {})
+        classes = label_fr = prob_edges = prob_fr = None
+        if "label" in outs:
+            classes = np.asarray(outs["label"]["classes"])
+            label_fr = np.asarray(outs["label"]["fractions"], dtype=np.float64)
+            prob_edges = np.asarray(outs["probabilities"]["edges"], dtype=np.float64)
+            prob_fr = np.asarray(outs["probabilities"]["fractions"], dtype=np.float64)
+        holdout = (raw.get("metrics") or {}).get("holdout") or {}
+        names = [f["name"] for f in feats]
+        if classes is not None and prob_fr is not None:
+            names += ["label"] + [f"probabilities[{c}]" for c in classes.tolist()]
+        return cls(
+            names=names,
+            n_features=n,
+            interior=interior,
+            mins=np.asarray([f["min"] for f in feats], dtype=np.float64),
+            maxs=np.asarray([f["max"] for f in feats], dtype=np.float64),
+            width=width,
+            fractions=fractions,
+            classes=classes,
+            label_fractions=label_fr,
+            prob_edges=prob_edges,
+            prob_fractions=prob_fr,
+            holdout_accuracy=holdout.get("accuracy"),
+            task=str(raw.get("task", "classification")),
+        )
+
+
+class Layout:
+    """Offsets of each distribution inside one flat count vector."""
+
+    def __init__(self, b: Baseline) -> None:
+        self.features = slice(N_SCALARS, N_SCALARS + b.n_features * b.width)
+        end = self.features.stop
+        c = 0 if b.classes is None else len(b.classes)
+        pb = 0 if b.prob_edges is None else len(b.prob_edges) - 1
+        self.labels = slice(end, end + c)
+        self.probs = slice(self.labels.stop, self.labels.stop + c * pb)
+        self.size = self.probs.stop
+        self.n_classes, self.prob_bins = c, pb
+
+
+class Window:
+    """The last `rows` rows as a ring of SUBWINDOWS count vectors (no rows stored)."""
+
+    def __init__(self, rows: int, size: int) -> None:
+        self.rows = rows
+        self.sub_rows = max(rows // SUBWINDOWS, 1)
+        self.ring: deque[Array] = deque(maxlen=SUBWINDOWS)
+        self.current = np.zeros(size, dtype=np.int64)
+        self.total = np.zeros(size, dtype=np.int64)  # sum of the ring
+
+    def add(self, counts: Array) -> bool:
+        """Fold counts in; True when a sub-window completed (the window moved on)."""
+        self.current += counts
+        if self.current[ROWS] < self.sub_rows:
+            return False
+        if len(self.ring) == SUBWINDOWS:
+            self.total -= self.ring[0]
+        self.ring.append(self.current)
+        self.total += self.current
+        self.current = np.zeros_like(self.current)
+        return True
+
+    @property
+    def full(self) -> bool:
+        return len(self.ring) == SUBWINDOWS
+
+
+@dataclass(slots=True)
+class Judgement:
+    """Drift scores of one window: per distribution (features, then outputs) and statistic."""
+
+    rows: int
+    psi: Array
+    ks: Array
+    js: Array
+    chi2_p: float | None
+
+
+@dataclass(slots=True)
+class DriftEvent:
+    """A distribution whose level changed (for alerts): fires when it starts and when it clears."""
+
+    name: str
+    statistic: str
+    window: str
+    value: float
+    level: Level
+    kind: Kind | None
+
+
+@dataclass
+class VersionMonitor:
+    """Input and output distributions of one model version, with drift judged against baseline."""
+
+    baseline: Baseline
+    window_rows: int
+    long_window_rows: int
+    psi_warn: float
+    psi_alert: float
+    duplicate_memory: int = 4096
+    layout: Layout = field(init=False)
+    short: Window = field(init=False)
+    long: Window = field(init=False)
+    cumulative: Array = field(init=False)
+    pending: list[tuple[Array, dict[str, Array]]] = field(default_factory=list)
+    pending_rows: int = 0
+    judged: dict[str, Judgement] = field(default_factory=dict)
+    levels: dict[tuple[str, str, str], Level] = field(default_factory=dict)
+    psi_history: deque[Array] = field(default_factory=lambda: deque(maxlen=SUBWINDOWS + 1))
+    _hashes: Array = field(init=False)
+    _hash_pos: int = 0
+    _hash_filled: int = 0
+    _multipliers: Array = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.layout = Layout(self.baseline)
+        self.short = Window(self.window_rows, self.layout.size)
+        self.long = Window(self.long_window_rows, self.layout.size)
+        self.cumulative = np.zeros(self.layout.size, dtype=np.int64)
+        self._hashes = np.zeros(self.duplicate_memory, dtype=np.uint64)
+        rng = np.random.default_rng(0x6D6C70)  # fixed: hashes must not depend on the run
+        self._multipliers = rng.integers(
+            1, 2**63, size=self.baseline.n_features, dtype=np.uint64
+        ) | np.uint64(1)
+
+    # ---------------------------------------------------------------- recording
+
+    def record(self, x: Array, outputs: dict[str, Array]) -> list[DriftEvent]:
+        """Keep a batch (O(1)); bin what is buffered once FLUSH_ROWS rows have gathered."""
+        self.pending.append((x, outputs))
+        self.pending_rows += x.shape[0]
+        if self.pending_rows >= FLUSH_ROWS:
+            return self.flush()
+        return []
+
+    def flush(self) -> list[DriftEvent]:
+        """Bin every buffered row (the step function tests and readers call)."""
+        if not self.pending:
+            return []
+        batches, self.pending, self.pending_rows = self.pending, [], 0
+        x = np.concatenate([b[0] for b in batches]) if len(batches) > 1 else batches[0][0]
+        outs = {
+            k: (
+                np.concatenate([b[1][k] for b in batches]) if len(batches) > 1 else batches[0][1][k]
+            )
+            for k in batches[0][1]
+        }
+        events: list[DriftEvent] = []
+        # Fold in chunks of at most one sub-window so that windows move on at the right rows.
+        step = self.short.sub_rows
+        for start in range(0, x.shape[0], step):
+            counts = self.count(
+                x[start : start + step], {k: v[start : start + step] for k, v in outs.items()}
+            )
+            self.cumulative += counts
+            self.long.add(counts)
+            if self.short.add(counts):
+                events += self.judge()
+        return events
+
+    def count(self, x: Array, outputs: dict[str, Array]) -> Array:
+        b, lay = self.baseline, self.layout
+        n, f = x.shape
+        counts = np.zeros(lay.size, dtype=np.int64)
+        counts[ROWS] = n
+        xf = x.astype(np.float64, copy=False)
+        idx = (xf[:, :, None] >= b.interior[None, :, :]).sum(axis=2) + 1
+        under = xf < b.mins
+        over = xf > b.maxs
+        idx[under] = 0
+        idx[over] = b.width - 1
+        counts[OUT_OF_RANGE] = int(under.sum() + over.sum())
+        flat = (idx + np.arange(f) * b.width).ravel()
+        counts[lay.features] = np.bincount(flat, minlength=f * b.width)
+        if b.classes is not None and "label" in outputs and "probabilities" in outputs:
+            labels = np.searchsorted(b.classes, outputs["label"].reshape(-1))
+            labels = np.clip(labels, 0, lay.n_classes - 1)
+            counts[lay.labels] = np.bincount(labels, minlength=lay.n_classes)
+            assert b.prob_edges is not None
+            probs = outputs["probabilities"].reshape(n, -1)[:, : lay.n_classes]
+            pidx = np.clip(
+                np.searchsorted(b.prob_edges[1:-1], probs, side="right"), 0, lay.prob_bins - 1
+            )
+            pflat = (pidx + np.arange(lay.n_classes) * lay.prob_bins).ravel()
+            counts[lay.probs] = np.bincount(pflat, minlength=lay.n_classes * lay.prob_bins)
+        counts[DUPLICATES] = self._duplicates(x)
+        return counts
+
+    def _duplicates(self, x: Array) -> int:
+        """Rows already among the last `duplicate_memory` rows (vectorised 64-bit row hashes).
+
+        On its own this repeat count says little for a small population of inputs; the signal of a
+        broken client is concentration, `top_share()`: one row taking a large share of recent rows.
+        """
+        bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+        h = (bits * self._multipliers).sum(axis=1, dtype=np.uint64)
+        h ^= h >> np.uint64(29)
+        seen = np.isin(h, self._hashes)
+        _, first = np.unique(h, return_index=True)
+        within = np.ones(h.size, dtype=bool)
+        within[first] = False  # repeats inside this chunk count too
+        dup = int((seen | within).sum())
+        n = h.size
+        pos = (self._hash_pos + np.arange(n)) % self.duplicate_memory
+        self._hashes[pos] = h
+        self._hash_filled = min(self._hash_filled + n, self.duplicate_memory)
+        self._hash_pos = int((self._hash_pos + n) % self.duplicate_memory)
+        return dup
+
+    def top_share(self) -> float | None:
+        """Share of the recent rows taken by the most frequent one (None before any row)."""
+        if self._hash_filled == 0:
+            return None
+        _, counts = np.unique(self._hashes[: self._hash_filled], return_counts=True)
+        return float(counts.max()) / self._hash_filled
+
+    # ---------------------------------------------------------------- judging
+
+    def _distributions(self, counts: Array) -> tuple[Array, Array]:
+        """(expected fractions, observed counts) for every feature and output, padded to one width."""
+        b, lay = self.baseline, self.layout
+        exp = [b.fractions]
+        obs = [counts[lay.features].reshape(b.n_features, b.width)]
+        if b.classes is not None and b.label_fractions is not None and b.prob_fractions is not None:
+            w = b.width
+            lab_e = np.zeros((1, w))
+            lab_e[0, : lay.n_classes] = b.label_fractions
+            lab_o = np.zeros((1, w), dtype=np.int64)
+            lab_o[0, : lay.n_classes] = counts[lay.labels]
+            pe = np.zeros((lay.n_classes, w))
+            pe[:, : lay.prob_bins] = b.prob_fractions
+            po = np.zeros((lay.n_classes, w), dtype=np.int64)
+            po[:, : lay.prob_bins] = counts[lay.probs].reshape(lay.n_classes, lay.prob_bins)
+            exp += [lab_e, pe]
+            obs += [lab_o, po]
+        return np.vstack(exp), np.vstack(obs)
+
+    def scores(self, counts: Array) -> Judgement:
+        expected, observed = self._distributions(counts)
+        totals = observed.sum(axis=1, keepdims=True)
+        q = np.divide(observed, totals, out=np.zeros(observed.shape), where=totals > 0)
+        p_eps, q_eps = np.maximum(expected, EPS), np.maximum(q, EPS)
+        psi = np.sum((q_eps - p_eps) * np.log(q_eps / p_eps), axis=1)
+        ks = np.max(np.abs(np.cumsum(q, axis=1) - np.cumsum(expected, axis=1)), axis=1)
+        m = (expected + q) / 2.0
+        with np.errstate(divide="ignore", invalid="ignore"):
+            kl_p = np.where(expected > 0, expected * np.log2(expected / m), 0.0).sum(axis=1)
+            kl_q = np.where(q > 0, q * np.log2(q / m), 0.0).sum(axis=1)
+        js = np.sqrt(np.maximum(0.5 * kl_p + 0.5 * kl_q, 0.0))
+        chi2_p = None
+        b, lay = self.baseline, self.layout
+        if b.label_fractions is not None and counts[lay.labels].sum() > 0:
+            chi2_p = chi_square(b.label_fractions, counts[lay.labels])[1]
+        return Judgement(int(counts[ROWS]), psi, ks, js, chi2_p)
+
+    def judge(self) -> list[DriftEvent]:
+        """Score both windows (when full) and return the distributions whose level changed."""
+        events: list[DriftEvent] = []
+        short = self.scores(self.short.total) if self.short.full else None
+        long = self.scores(self.long.total) if self.long.full else None
+        if short is not None:
+            self.judged["short"] = short
+            self.psi_history.append(short.psi.copy())
+        if long is not None:
+            self.judged["long"] = long
+        earlier = self.psi_history[0] if len(self.psi_history) == self.psi_history.maxlen else None
+        for i, name in enumerate(self.baseline.names):
+            s = None if short is None else float(short.psi[i])
+            lg = None if long is None else float(long.psi[i])
+            level: Level = "ok"
+            kind: Kind | None = None
+            value = 0.0
+            window = "short"
+            if s is not None and s > self.psi_alert:
+                level, value = "alert", s
+                # Sudden: one window ago this distribution was still near its baseline.
+                kind = "sudden" if earlier is None or earlier[i] <= self.psi_warn else "gradual"
+            elif lg is not None and lg > self.psi_alert:
+                level, value, kind, window = "alert", lg, "gradual", "long"
+            elif (s is not None and s > self.psi_warn) or (lg is not None and lg > self.psi_warn):
+                level, value = "warn", max(s or 0.0, lg or 0.0)
+            key = (name, "psi", "any")
+            if self.levels.get(key, "ok") != level:
+                self.levels[key] = level
+                events.append(DriftEvent(name, "psi", window, value, level, kind))
+        return events
+
+    # ---------------------------------------------------------------- reading
+
+    def rates(self) -> dict[str, float | None]:
+        """Input anomalies (None until there are rows): values outside the training range and rows
+        repeating a recent row, over the short window; the most repeated row's share of the last
+        `duplicate_memory` rows."""
+        t = self.short.total if self.short.full else self.cumulative
+        rows = int(t[ROWS])
+        if rows == 0:
+            return {"out_of_range": None, "repeats": None, "duplicates": None}
+        return {
+            "out_of_range": float(t[OUT_OF_RANGE]) / (rows * self.baseline.n_features),
+            "repeats": float(t[DUPLICATES]) / rows,
+            "duplicates": self.top_share(),
+        }
+
+    def histograms(self) -> list[dict[str, Any]]:
+        """Per feature: edges, baseline fractions and the short window's fractions (for plots)."""
+        b, lay = self.baseline, self.layout
+        counts = self.short.total if self.short.full else self.cumulative + self.short.current * 0
+        feats = counts[lay.features].reshape(b.n_features, b.width)
+        total = feats.sum(axis=1, keepdims=True)
+        frac = np.divide(feats, total, out=np.zeros(feats.shape), where=total > 0)
+        out = []
+        short = self.judged.get("short")
+        for i, name in enumerate(b.names[: b.n_features]):
+            out.append(
+                {
+                    "name": name,
+                    "baseline": b.fractions[i].round(5).tolist(),
+                    "live": frac[i].round(5).tolist(),
+                    "psi": None if short is None else round(float(short.psi[i]), 5),
+                }
+            )
+        return out
