@@ -221,7 +221,7 @@ class Watch:
             key = f"duplicates:{vw.model}:{vw.version}"
             if (
                 dup is not None
-                and vw.monitor.cumulative[0] >= vw.monitor.duplicate_memory
+                and vw.monitor.recent_rows >= min(vw.monitor.duplicate_memory, vw.drift.window)
                 and dup > DUPLICATE_ALERT
             ):
                 self.alerts.fire(

@@ -213,16 +213,17 @@ class VersionMonitor:
             for k in batches[0][1]
         }
         events: list[DriftEvent] = []
-        # Fold in chunks of at most one sub-window so that windows move on at the right rows.
-        step = self.short.sub_rows
-        for start in range(0, x.shape[0], step):
-            counts = self.count(
-                x[start : start + step], {k: v[start : start + step] for k, v in outs.items()}
-            )
+        # Fold in chunks that end exactly where the short window's sub-window ends, so that a
+        # window holds exactly `window` rows when it is judged.
+        start, n = 0, x.shape[0]
+        while start < n:
+            end = min(n, start + self.short.sub_rows - int(self.short.current[ROWS]))
+            counts = self.count(x[start:end], {k: v[start:end] for k, v in outs.items()})
             self.cumulative += counts
             self.long.add(counts)
             if self.short.add(counts):
                 events += self.judge()
+            start = end
         return events
 
     def count(self, x: Array, outputs: dict[str, Array]) -> Array:
@@ -273,6 +274,11 @@ class VersionMonitor:
         self._hash_filled = min(self._hash_filled + n, self.duplicate_memory)
         self._hash_pos = int((self._hash_pos + n) % self.duplicate_memory)
         return dup
+
+    @property
+    def recent_rows(self) -> int:
+        """Rows behind `top_share` (at most `duplicate_memory`)."""
+        return self._hash_filled
 
     def top_share(self) -> float | None:
         """Share of the recent rows taken by the most frequent one (None before any row)."""

@@ -1,0 +1,324 @@
+"""Monitoring: drift statistics, windows, sudden vs gradual, anomalies, feedback, alerts, webhook.
+
+Statistical tests use fixed seeds. Traffic is drawn from the breast-cancer data itself (569 rows,
+with replacement); the baseline is the 455 training rows' deciles, so sampling noise alone gives a
+PSI near (bins - 1) / window (10 bins, 2000 rows: ~0.005) plus the train/test difference: far below
+psi_alert = 0.25. A 1-sd shift of one feature moves most of its mass across deciles (PSI > 1).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import pytest
+from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
+from sklearn.datasets import load_breast_cancer
+
+from proxy.admin import create_admin_app
+from proxy.monitor.drift import chi_square, js, ks, psi
+from proxy.monitor.tracker import Baseline, VersionMonitor
+from proxy.repository import OnnxModel
+from proxy.state import Alerts
+from proxy.webhook import WebhookSender
+
+from .conftest import infer_body, model_section
+
+ROWS = load_breast_cancer().data.astype(np.float32)
+SD = ROWS.std(axis=0)
+AREA = 3  # mean_area
+
+
+@pytest.fixture(scope="module")
+def v1(model_repo: Path) -> OnnxModel:
+    return OnnxModel(model_repo / "cancer" / "v1")
+
+
+def feed(
+    mon: VersionMonitor, model: OnnxModel, gen: Any, rows: int, batch: int = 16
+) -> list[tuple[int, Any]]:
+    """Send `rows` rows in batches through the real model into the monitor; (row, event) pairs."""
+    events = []
+    for done in range(0, rows, batch):
+        x = gen(done, batch)
+        events += [(done, e) for e in mon.record(x, model.run(x))]
+    return events + [(rows, e) for e in mon.flush()]
+
+
+def test_statistics_on_known_distributions() -> None:
+    p = np.array([0.25, 0.25, 0.25, 0.25])
+    assert psi(p, np.array([25, 25, 25, 25])) == pytest.approx(0.0)
+    assert ks(p, np.array([50, 50, 0, 0])) == pytest.approx(0.5)
+    assert js(p, np.array([25, 25, 25, 25])) == pytest.approx(0.0)
+    assert js(np.array([1.0, 0.0]), np.array([0, 10])) == pytest.approx(
+        1.0
+    )  # disjoint: the maximum
+    # PSI of a known shift: (0.4-0.25)ln(0.4/0.25) + (0.1-0.25)ln(0.1/0.25) = 0.2079
+    assert psi(np.array([0.25, 0.25, 0.25, 0.25]), np.array([40, 10, 25, 25])) == pytest.approx(
+        0.2079, abs=1e-3
+    )
+    stat, p_value = chi_square(np.array([0.5, 0.5]), np.array([50, 50]))
+    assert stat == pytest.approx(0.0) and p_value == pytest.approx(1.0)
+    assert chi_square(np.array([0.5, 0.5]), np.array([90, 10]))[1] < 1e-6
+
+
+def test_clean_traffic_raises_nothing_over_five_windows(v1: OnnxModel) -> None:
+    rng = np.random.default_rng(1)
+    mon = VersionMonitor(Baseline.from_manifest(v1.manifest.raw), 2000, 20000, 0.1, 0.25)  # type: ignore[arg-type]
+    events = feed(mon, v1, lambda d, n: ROWS[rng.integers(0, len(ROWS), n)], 5 * 2000)
+    assert [e for _, e in events if e.level == "alert"] == []
+    assert mon.judged["short"].rows == 2000 and float(mon.judged["short"].psi.max()) < 0.1
+    assert mon.rates()["out_of_range"] < 0.01 and mon.rates()["duplicates"] < 0.02
+
+
+def test_one_sd_shift_of_one_feature_alerts_within_one_window_as_sudden(v1: OnnxModel) -> None:
+    rng = np.random.default_rng(2)
+    mon = VersionMonitor(Baseline.from_manifest(v1.manifest.raw), 2000, 20000, 0.1, 0.25)  # type: ignore[arg-type]
+
+    def shifted(done: int, n: int) -> Any:
+        x = ROWS[rng.integers(0, len(ROWS), n)].copy()
+        if done >= 4000:
+            x[:, AREA] += SD[AREA]
+        return x
+
+    events = feed(mon, v1, shifted, 8000)
+    alerts = [(row, e) for row, e in events if e.level == "alert"]
+    assert alerts, "no alert"
+    row, first = alerts[0]
+    assert first.name == "mean_area" and first.kind == "sudden" and first.window == "short"
+    assert row - 4000 <= 2000  # within one window of rows
+    assert all(
+        e.name in ("mean_area", "label", "probabilities[0]", "probabilities[1]") for _, e in alerts
+    )
+
+
+def test_slow_ramp_is_reported_as_gradual(v1: OnnxModel) -> None:
+    rng = np.random.default_rng(3)
+    mon = VersionMonitor(Baseline.from_manifest(v1.manifest.raw), 1000, 10000, 0.1, 0.25)  # type: ignore[arg-type]
+    total = 3 * 10000  # 0 to 1.5 sd over three long windows
+
+    def ramp(done: int, n: int) -> Any:
+        x = ROWS[rng.integers(0, len(ROWS), n)].copy()
+        x[:, AREA] += SD[AREA] * 1.5 * min(done / total, 1.0)
+        return x
+
+    events = feed(mon, v1, ramp, total)
+    alerts = [e for _, e in events if e.level == "alert" and e.name == "mean_area"]
+    assert alerts and alerts[0].kind == "gradual"
+
+
+def test_duplicate_rows_are_seen(v1: OnnxModel) -> None:
+    mon = VersionMonitor(Baseline.from_manifest(v1.manifest.raw), 1000, 10000, 0.1, 0.25)  # type: ignore[arg-type]
+    rng = np.random.default_rng(4)
+
+    def stuck(done: int, n: int) -> Any:
+        x = ROWS[rng.integers(0, len(ROWS), n)].copy()
+        x[: n // 2] = ROWS[7]  # half of every batch is the same row
+        return x
+
+    feed(mon, v1, stuck, 5000)
+    assert mon.rates()["duplicates"] == pytest.approx(0.5, abs=0.05)
+
+
+# ---------------------------------------------------------------- through the server
+
+
+@pytest.fixture
+async def hook(aiohttp_server: Any) -> Any:
+    """A real webhook receiver: every alert POSTed to it, in order."""
+    received: list[dict[str, Any]] = []
+    arrived = asyncio.Event()
+
+    async def receive(request: web.Request) -> web.Response:
+        received.append(await request.json())
+        arrived.set()
+        return web.json_response({"ok": True})
+
+    app = web.Application()
+    app.router.add_post("/hook", receive)
+    server = await aiohttp_server(app)
+    return received, f"http://127.0.0.1:{server.port}/hook"
+
+
+def drift_config(repo: Path, url: str, extra: str = "") -> str:
+    return (
+        f'[alerts]\nwebhook = "{url}"\n'
+        + model_section(repo=repo)
+        + f"[models.cancer.drift]\nwindow = 500\nlong_window = 2500\nmin_feedback = 100\n{extra}"
+    )
+
+
+async def send_rows(client: Any, x: np.ndarray[Any, Any], per_request: int = 10) -> list[str]:
+    ids = []
+    for i in range(0, len(x), per_request):
+        resp = await client.post("/v2/models/cancer/infer", json=infer_body(x[i : i + per_request]))
+        assert resp.status == 200, await resp.text()
+        ids.append((await resp.json())["id"])
+    return ids
+
+
+async def test_drift_alert_fires_once_and_clears_once_at_the_webhook(
+    start: Any, write_config: Any, model_repo: Path, hook: Any, aiohttp_client: Any
+) -> None:
+    received, url = hook
+    client, serving = await start(write_config(drift_config(model_repo, url)))
+    rng = np.random.default_rng(5)
+    # windows of 500 and 2500 rows: fill both with normal traffic, shift mean_area by 1 sd for
+    # 600 rows, then send normal traffic until the long window has forgotten the shift
+    await send_rows(client, ROWS[rng.integers(0, len(ROWS), 2500)])
+    serving.housekeeping()
+    assert not [a for a in received if a.get("state") == "firing"]
+    shifted = ROWS[rng.integers(0, len(ROWS), 600)].copy()
+    shifted[:, AREA] += SD[AREA]
+    await send_rows(client, shifted)
+    serving.housekeeping()
+    await send_rows(client, ROWS[rng.integers(0, len(ROWS), 3000)])  # back to normal
+    serving.housekeeping()
+    assert serving.webhook is not None
+    await asyncio.wait_for(serving.webhook.idle(), timeout=10)
+    area = [a for a in received if a.get("feature") == "mean_area"]
+    assert [a["state"] for a in area] == ["firing", "resolved"], area
+    assert (
+        area[0]["kind"] == "drift"
+        and area[0]["change"] == "sudden"
+        and area[0]["model"] == "cancer"
+    )
+    assert area[0]["value"] > 0.25
+    # the same alerts are listed by the admin API, and drift scores are exported
+    admin = await aiohttp_client(create_admin_app(serving))
+    listed = await (await admin.get("/admin/alerts")).json()
+    assert [a["state"] for a in listed["alerts"] if a.get("feature") == "mean_area"] == [
+        "firing",
+        "resolved",
+    ]
+    text = await (await admin.get("/metrics")).text()
+    names = {s.name for f in text_string_to_metric_families(text) for s in f.samples}
+    assert {
+        "mlproxy_drift_score",
+        "mlproxy_input_duplicate_ratio",
+        "mlproxy_event_loop_lag_seconds",
+        "mlproxy_alerts_open",
+        "process_resident_memory_bytes",
+        "mlproxy_queue_wait_seconds_bucket",
+    } <= names
+    monitor = await (await admin.get("/admin/monitor")).json()
+    v1 = monitor["models"]["cancer"]["versions"]["v1"]
+    assert v1["features"][AREA]["name"] == "mean_area" and len(v1["features"][AREA]["live"]) == len(
+        v1["features"][AREA]["baseline"]
+    )
+
+
+async def test_feedback_with_30_percent_wrong_labels_raises_concept_drift(
+    start: Any, write_config: Any, model_repo: Path, hook: Any
+) -> None:
+    _received, url = hook
+    client, serving = await start(write_config(drift_config(model_repo, url)))
+    rng = np.random.default_rng(6)
+    x = ROWS[rng.integers(0, len(ROWS), 300)]
+    answers = []
+    for row in x:
+        resp = await client.post("/v2/models/cancer/infer", json=infer_body(row[None, :]))
+        doc = await resp.json()
+        answers.append((doc["id"], doc["outputs"][0]["data"][0]))
+    wrong = rng.random(len(answers)) < 0.3
+    for (rid, label), flip in zip(answers, wrong, strict=True):
+        resp = await client.post(
+            "/v2/models/cancer/feedback", json={"id": rid, "label": 1 - label if flip else label}
+        )
+        assert resp.status == 200, await resp.text()
+    concept = [a for a in serving.alerts.recent() if a["kind"] == "concept_drift"]
+    assert concept and concept[0]["state"] == "firing" and 0.6 < concept[0]["value"] < 0.8
+    # bad feedback is a clear 4xx and breaks nothing
+    resp = await client.post("/v2/models/cancer/feedback", json={"id": answers[0][0], "label": 1})
+    assert resp.status == 404 and "already joined" in (await resp.json())["error"]
+    resp = await client.post("/v2/models/cancer/feedback", json={"id": "nope", "label": 1})
+    assert resp.status == 404
+    ids = await send_rows(client, x[:4], per_request=4)
+    resp = await client.post("/v2/models/cancer/feedback", json={"id": ids[0], "label": [1, 0]})
+    assert resp.status == 400 and "one label per input row" in (await resp.json())["error"]
+    resp = await client.post("/v2/models/cancer/feedback", json={"id": ids[0], "label": ["a"] * 4})
+    assert resp.status == 400
+    resp = await client.post(
+        "/v2/models/cancer/feedback", json={"id": ids[0], "label": [1, 0, 1, 1]}
+    )
+    assert resp.status == 200 and (await resp.json())["rows"] == 4
+    resp = await client.post("/v2/models/cancer/feedback", data=b"{not json")
+    assert resp.status == 400
+
+
+async def test_a_client_resending_one_row_raises_the_duplicate_signal(
+    start: Any, write_config: Any, model_repo: Path, hook: Any
+) -> None:
+    _, url = hook
+    client, serving = await start(write_config(drift_config(model_repo, url)))
+    await send_rows(client, np.repeat(ROWS[3:4], 600, axis=0))
+    serving.housekeeping()
+    dup = [a for a in serving.alerts.recent() if a["kind"] == "duplicate_inputs"]
+    assert dup and dup[0]["state"] == "firing" and dup[0]["value"] == pytest.approx(1.0)
+
+
+async def test_non_finite_inputs_are_refused_and_counted(
+    start: Any, write_config: Any, model_repo: Path
+) -> None:
+    client, serving = await start(write_config(model_section(repo=model_repo)))
+    body = {
+        "inputs": [{"name": "input", "shape": [1, 30], "datatype": "FP64", "data": [1e300] * 30}]
+    }
+    resp = await client.post("/v2/models/cancer/infer", json=body)
+    assert resp.status == 400
+    assert serving.watch.nonfinite == {"cancer": 1}
+
+
+async def test_overload_fires_when_loop_lag_holds_and_clears(
+    start: Any, write_config: Any, model_repo: Path
+) -> None:
+    _, serving = await start(
+        write_config(
+            "[alerts]\noverload_lag_ms = 50\noverload_for_s = 2\n" + model_section(repo=model_repo)
+        )
+    )
+    w = serving.watch
+    w.loop_lag(0.2)
+    serving.housekeeping(100.0)
+    assert not serving.alerts.open_alerts()  # not held long enough yet
+    serving.housekeeping(102.5)
+    assert [a["kind"] for a in serving.alerts.open_alerts()] == ["overload"]
+    w.loop_lag(0.001)
+    serving.housekeeping(103.0)
+    assert serving.alerts.open_alerts() == [] and serving.alerts.recent()[-1]["state"] == "resolved"
+
+
+async def test_webhook_retries_with_backoff_then_delivers(aiohttp_server: Any) -> None:
+    import aiohttp
+
+    calls: list[int] = []
+
+    async def flaky(request: web.Request) -> web.Response:
+        calls.append(1)
+        return web.json_response({}, status=503 if len(calls) < 3 else 200)
+
+    app = web.Application()
+    app.router.add_post("/", flaky)
+    server = await aiohttp_server(app)
+    async with aiohttp.ClientSession() as http:
+        sender = WebhookSender(f"http://127.0.0.1:{server.port}/", http, first_backoff_s=0.001)
+        sender.start()
+        alerts = Alerts()
+        alerts.listeners.append(sender.submit)
+        alerts.fire("k", "drift", model="m", version="v", message="x")
+        await asyncio.wait_for(sender.idle(), timeout=10)
+        await sender.close()
+    assert len(calls) == 3 and sender.counts == {"ok": 1, "failed": 0, "dropped": 0}
+
+
+def test_alert_fires_once_until_resolved() -> None:
+    alerts = Alerts()
+    assert alerts.fire("k", "drift", model="m", version="v", message="a")
+    assert not alerts.fire("k", "drift", model="m", version="v", message="again")
+    assert alerts.resolve("k", "gone") and not alerts.resolve("k", "gone")
+    assert [a["state"] for a in alerts.recent()] == ["firing", "resolved"]
+    assert orjson.loads(orjson.dumps(alerts.recent()))[1]["kind"] == "drift"
