@@ -9,7 +9,9 @@ What is measured (every server on CPU core 0, every load generator on core 1, al
 * ``single``, ``canary``, ``shadow``: ``mlproxy serve`` (run as ``python -m proxy serve`` from
   the repository root, so this checkout's code is measured) with models.cancer in mode
   "single" (v1), "canary" (v1 90 / v2 10) and "shadow" (v1 answers, every request mirrored to
-  v2), with [limits] max_inflight = 4096 and the rest of config.toml as it is.
+  v2), with [limits] max_inflight = 4096 and the rest of config.toml as it is; all monitoring
+  (histograms, drift, duplicates, feedback store) is on, as shipped.
+* ``single-nomon``: ``single`` with ``[models.cancer.drift] enabled = false``: what monitoring costs.
 
 Load:
 
@@ -78,6 +80,7 @@ CANARY_OVER_SINGLE_RPS = 0.9
 SHADOW_OVER_SINGLE_RPS = 0.75
 SHADOW_OVER_SINGLE_P50 = 1.3
 IDLE_OVERHEAD_MS = 0.1
+MONITORING_ON_OVER_OFF_RPS = 0.9
 
 
 def log(msg: str) -> None:
@@ -174,7 +177,7 @@ def dump_toml(doc: dict[str, Any]) -> str:
     return "\n".join(lines).lstrip() + "\n"
 
 
-def mlproxy_config(mode: str, port: int, admin_port: int) -> str:
+def mlproxy_config(mode: str, port: int, admin_port: int, *, monitoring: bool = True) -> str:
     """config.toml with models.cancer in `mode`, the given ports and absolute model paths."""
     doc = tomllib.loads((ROOT / "config.toml").read_text())
     doc.setdefault("server", {}).update(host="127.0.0.1", port=port, workers=1)
@@ -186,6 +189,7 @@ def mlproxy_config(mode: str, port: int, admin_port: int) -> str:
     model["versions"] = {v: {"path": str(MODELS / v)} for v in ("v1", "v2")}
     model["canary"] = {"weights": {"v1": 90, "v2": 10}}
     model["shadow"] = {**model.get("shadow", {}), "primary": "v1", "mirrors": ["v2"], "sample": 1.0}
+    model["drift"] = {**model.get("drift", {}), "enabled": monitoring}
     doc["models"] = {"cancer": model}
     return dump_toml(doc)
 
@@ -581,6 +585,12 @@ def floor_checks(figures: list[Figure], open_rate: float | None, open_label: str
         "single",
         SHADOW_OVER_SINGLE_RPS,
     )
+    ratio_check(
+        f"single (all monitoring on) req/s >= {MONITORING_ON_OVER_OFF_RPS}x single-nomon (drift off)",
+        "single",
+        "single-nomon",
+        MONITORING_ON_OVER_OFF_RPS,
+    )
     title = f"fixed rate, shadow p50 <= {SHADOW_OVER_SINGLE_P50}x single p50"
     s50, h50 = med("single", "open", "p50_ms"), med("shadow", "open", "p50_ms")
     if s50 is None or h50 is None or open_rate is None:
@@ -683,10 +693,10 @@ def server_specs() -> list[ServerSpec]:
 
         return cmd
 
-    def proxy(mode: str) -> Callable[[int, int, Path], list[str]]:
+    def proxy(mode: str, monitoring: bool = True) -> Callable[[int, int, Path], list[str]]:
         def cmd(port: int, admin: int, tmp: Path) -> list[str]:
-            path = tmp / f"config-{mode}.toml"
-            path.write_text(mlproxy_config(mode, port, admin))
+            path = tmp / f"config-{mode}-{'mon' if monitoring else 'nomon'}.toml"
+            path.write_text(mlproxy_config(mode, port, admin, monitoring=monitoring))
             return [*mlproxy, "serve", "--config", str(path)]
 
         return cmd
@@ -695,6 +705,8 @@ def server_specs() -> list[ServerSpec]:
         ServerSpec("http-limit", "bare", bare("fixed")),
         ServerSpec("inline-onnx", "bare", bare("inline")),
         ServerSpec("single", "mlproxy", proxy("single")),
+        # the same with drift monitoring off ([models.cancer.drift] enabled = false)
+        ServerSpec("single-nomon", "mlproxy", proxy("single", monitoring=False)),
         ServerSpec("canary", "mlproxy", proxy("canary")),
         ServerSpec("shadow", "mlproxy", proxy("shadow")),
     ]
