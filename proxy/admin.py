@@ -66,7 +66,8 @@ def snapshot(serving: Serving) -> Snapshot:
         plan.loaded_at,
         reloads=dict(serving.reloads),
         rollouts={name: c.status for name, c in serving.controllers.items()},
-        alerts=len(serving.alerts.recent()),
+        alerts=serving.alerts.raised,
+        config_ok=serving.last_error is None,
     )
 
 

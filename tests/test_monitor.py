@@ -205,6 +205,16 @@ async def test_drift_alert_fires_once_and_clears_once_at_the_webhook(
         "process_resident_memory_bytes",
         "mlproxy_queue_wait_seconds_bucket",
     } <= names
+    # every mlproxy metric the live proxy exports is one the alert rules and dashboard know of
+    from .test_prometheus_rules import HISTOGRAM_SUFFIXES, HISTOGRAMS, METRICS
+
+    def family(name: str) -> str:
+        for suffix in HISTOGRAM_SUFFIXES:
+            if name.endswith(suffix) and name[: -len(suffix)] in HISTOGRAMS:
+                return name[: -len(suffix)]
+        return name
+
+    assert {family(n) for n in names if n.startswith("mlproxy_")} <= METRICS
     monitor = await (await admin.get("/admin/monitor")).json()
     v1 = monitor["models"]["cancer"]["versions"]["v1"]
     assert v1["features"][AREA]["name"] == "mean_area" and len(v1["features"][AREA]["live"]) == len(

@@ -44,6 +44,7 @@ GAUGES = {
     "mlproxy_shadow_mean_abs_diff",
     "mlproxy_inflight_requests",
     "mlproxy_config_loaded_timestamp_seconds",
+    "mlproxy_config_last_reload_success",
     "mlproxy_rollout_status",
     "mlproxy_alerts_open",
     "mlproxy_drift_score",

@@ -48,6 +48,7 @@ class Snapshot:
     reloads: dict[str, int] = field(default_factory=dict)
     rollouts: dict[str, str] = field(default_factory=dict)
     alerts: int = 0
+    config_ok: bool = True
 
 
 class ProxyCollector(Collector):
@@ -170,6 +171,11 @@ class ProxyCollector(Collector):
         for outcome in ("ok", "error"):
             reloads.add_metric([outcome], snap.reloads.get(outcome, 0))
         yield reloads
+        yield GaugeMetricFamily(
+            "mlproxy_config_last_reload_success",
+            "1 when the config file is what is served; 0 while its last reload stands refused.",
+            value=1.0 if snap.config_ok else 0.0,
+        )
         rollout = GaugeMetricFamily(
             "mlproxy_rollout_status",
             "1 for the state each model's canary rollout is in.",
