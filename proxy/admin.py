@@ -266,7 +266,10 @@ def monitor_doc(serving: Serving) -> dict[str, Any]:
                             "psi_long": None if long is None else _round(long.psi[i]),
                             "ks_short": None if short is None else _round(short.ks[i]),
                             "js_short": None if short is None else _round(short.js[i]),
-                            "level": mon.levels.get((fname, "psi", "any"), "ok"),
+                            # no level until a window is full enough to be judged
+                            "level": mon.levels.get((fname, "psi", "any"), "ok")
+                            if short or long
+                            else None,
                         }
                     )
             versions[v] = doc
