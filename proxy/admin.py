@@ -84,7 +84,7 @@ def monitor_snapshot(serving: Serving) -> MonitorSnapshot:
             continue
         backend = mp.backends[version]
         mon = vw.monitor
-        rates = mon.rates() if mon else {"out_of_range": None, "repeats": None, "duplicates": None}
+        rates = mon.rates() if mon else {"out_of_range": None, "duplicates": None}
         bs = backend.batcher.stats if isinstance(backend, LocalBackend) else None
         views.append(
             MonitorView(
@@ -248,9 +248,7 @@ def monitor_doc(serving: Serving) -> dict[str, Any]:
                     "long": _round(vw.accuracy.accuracy("long")) if vw else None,
                     "holdout": vw.holdout_accuracy if vw else None,
                 },
-                "rates": mon.rates()
-                if mon
-                else {"out_of_range": None, "repeats": None, "duplicates": None},
+                "rates": mon.rates() if mon else {"out_of_range": None, "duplicates": None},
             }
             if mon is not None:
                 assert isinstance(mp.backends[v], LocalBackend)

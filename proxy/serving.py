@@ -259,7 +259,10 @@ class Serving:
             await asyncio.sleep(WATCH_INTERVAL_S)  # a timer, not a synchronisation: these jobs poll
             self.watch.loop_lag(perf_counter() - before - WATCH_INTERVAL_S)
             if self.watcher is not None and self.watcher.check():
-                await self.reload("file changed", only_if_changed=True)
+                try:
+                    await self.reload("file changed", only_if_changed=True)
+                except Exception:  # never let one bad reload stop watching
+                    log.exception("reload after a file change failed")
             now = self._loop.time()
             try:
                 self.housekeeping(now)

@@ -40,6 +40,7 @@ class StateFile:
         self.path = path
         self.models: dict[str, dict[str, Any]] = {}
         self.load_error: str | None = None
+        self.write_errors = 0
         try:
             doc = orjson.loads(path.read_bytes())
             if not isinstance(doc, dict) or not isinstance(doc.get("models", {}), dict):
@@ -66,9 +67,18 @@ class StateFile:
 
     def flush(self) -> None:
         doc = {"format_version": 1, "models": self.models}
-        write_atomic(
-            self.path, orjson.dumps(doc, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n"
-        )
+        data = orjson.dumps(doc, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n"
+        try:
+            write_atomic(self.path, data)
+        except OSError as exc:
+            # A read-only directory (a ConfigMap mount) must not stop a rollback from taking
+            # effect: it does, in memory; only its survival across a restart is lost, loudly.
+            self.write_errors += 1
+            log.error(
+                "cannot write rollout state %s: %s (the decision holds until restart)",
+                self.path,
+                exc,
+            )
 
 
 class AuditLog:
@@ -77,14 +87,24 @@ class AuditLog:
     def __init__(self, path: Path, clock: Callable[[], float] = time.time) -> None:
         self.path = path
         self._clock = clock
+        self.write_errors = 0
 
     def append(self, event: str, **fields: Any) -> dict[str, Any]:
         entry = {"ts": round(self._clock(), 6), "event": event, **fields}
         line = orjson.dumps(entry, option=orjson.OPT_SORT_KEYS) + b"\n"
-        with self.path.open("ab") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with self.path.open("ab") as f:
+                f.write(line)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:  # serving goes on; the log line keeps the record
+            self.write_errors += 1
+            log.error(
+                "cannot append to audit log %s: %s; entry: %s",
+                self.path,
+                exc,
+                line.decode().strip(),
+            )
         return entry
 
     def read(self) -> list[dict[str, Any]]:

@@ -332,3 +332,17 @@ def test_alert_fires_once_until_resolved() -> None:
     assert alerts.resolve("k", "gone") and not alerts.resolve("k", "gone")
     assert [a["state"] for a in alerts.recent()] == ["firing", "resolved"]
     assert orjson.loads(orjson.dumps(alerts.recent()))[1]["kind"] == "drift"
+
+
+def test_latency_percentiles_from_buckets_within_3_percent() -> None:
+    from proxy.monitor.stats import LatencyHistogram
+
+    rng = np.random.default_rng(7)
+    for median_s in (80e-6, 2e-3, 0.5):
+        samples = rng.lognormal(np.log(median_s), 0.8, 20_000)
+        hist = LatencyHistogram()
+        hist.observe_many(samples)
+        for q in (0.5, 0.9, 0.99):
+            want = float(np.quantile(samples, q))
+            got = hist.quantile(q)
+            assert got is not None and abs(got - want) / want < 0.03, (median_s, q, got, want)

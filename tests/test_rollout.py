@@ -236,3 +236,21 @@ async def test_promote_without_a_canary_is_a_conflict(
     admin = await aiohttp_client(create_admin_app(serving))
     resp = await admin.post("/admin/models/cancer/promote")
     assert resp.status == 409 and "no canary rollout" in (await resp.json())["error"]
+
+
+async def test_unwritable_state_and_audit_do_not_stop_serving_or_rollbacks(
+    start: Any, write_config: Any, repo: Path, cancer_rows: Any, tmp_path: Path
+) -> None:
+    # The config's directory is read-only in a ConfigMap mount; as root here, make the two paths
+    # directories instead, which no write can replace.
+    (tmp_path / "config.state.json").mkdir()
+    (tmp_path / "config.audit.jsonl").mkdir()
+    extra = "gates = { max_error_rate = 0.5 }\n"
+    client, serving = await start(
+        write_config(canary(repo, "v2", weights="v1 = 50, v2 = 50", extra=extra))
+    )
+    serving.controllers["cancer"].rollback(cause="test")
+    assert serving.plan.models["cancer"].strategy.split() == {"v1": 1.0, "v2": 0.0}
+    assert serving.state.write_errors == 1 and serving.audit.write_errors >= 2  # start, rollback
+    assert set(await send(client, cancer_rows, 20)) == {"v1"}
+    assert (await serving.reload("test"))["outcome"] == "ok"

@@ -25,7 +25,7 @@ Level = Literal["ok", "warn", "alert"]
 Kind = Literal["sudden", "gradual"]
 
 # Layout of the scalar counters at the start of every count vector.
-ROWS, DUPLICATES, OUT_OF_RANGE, N_SCALARS = 0, 1, 2, 3
+ROWS, OUT_OF_RANGE, N_SCALARS = 0, 1, 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,7 +34,6 @@ class Baseline:
 
     names: list[str]  # features, then outputs ("label", "probabilities[k]" or "variable")
     n_features: int
-    interior: Array  # [F, K] interior bin edges per feature, padded with +inf
     mins: Array  # [F]
     maxs: Array  # [F]
     width: int  # bins per feature including under/overflow
@@ -45,6 +44,10 @@ class Baseline:
     prob_fractions: Array | None  # [C, PB]
     holdout_accuracy: float | None
     task: str
+    nbins: Array  # [F] bins per feature (the manifest's, fewer where quantiles tied)
+    boundaries: Array  # all features' bin boundaries on one increasing axis (see Baseline.bin)
+    offsets: Array  # [F] index of each feature's first boundary in `boundaries`
+    scale: Array  # [F] 1 / (max - min)
 
     @classmethod
     def from_manifest(cls, raw: dict[str, Any]) -> Baseline | None:
@@ -54,15 +57,25 @@ class Baseline:
         feats = base["features"]
         n = len(feats)
         width = max(len(f["edges"]) - 1 for f in feats) + 2
-        k = max(width - 3, 1)
-        interior = np.full((n, k), np.inf)
         fractions = np.zeros((n, width))
+        nbins = np.zeros(n, dtype=np.int64)
+        mins = np.asarray([f["min"] for f in feats], dtype=np.float64)
+        maxs = np.asarray([f["max"] for f in feats], dtype=np.float64)
+        spans = np.where(maxs > mins, maxs - mins, 1.0)
+        bounds: list[float] = []
+        offsets = np.zeros(n, dtype=np.int64)
         for i, f in enumerate(feats):
             edges = np.asarray(f["edges"], dtype=np.float64)
             inner = edges[1:-1]
-            interior[i, : inner.size] = inner
             fr = np.asarray(f["fractions"], dtype=np.float64)
-            fractions[i, 1 : 1 + fr.size] = fr
+            fractions[i, 1 : 1 + fr.size] = fr  # underflow 0, bins, overflow (then zero padding)
+            nbins[i] = fr.size
+            # Feature i lives on [3i + 0.5, 3i + 2.5] of one shared axis: its minimum maps to
+            # 3i + 1 and its maximum to 3i + 2 (nudged up, so the maximum itself is in range).
+            offsets[i] = len(bounds)
+            axis = 3 * i + 1 + (np.concatenate([[mins[i]], inner, [maxs[i]]]) - mins[i]) / spans[i]
+            axis[-1] = np.nextafter(axis[-1], np.inf)
+            bounds.extend(axis.tolist())
         outs = base.get("outputs", {})
         classes = label_fr = prob_edges = prob_fr = None
         if "label" in outs:
@@ -77,9 +90,8 @@ class Baseline:
         return cls(
             names=names,
             n_features=n,
-            interior=interior,
-            mins=np.asarray([f["min"] for f in feats], dtype=np.float64),
-            maxs=np.asarray([f["max"] for f in feats], dtype=np.float64),
+            mins=mins,
+            maxs=maxs,
             width=width,
             fractions=fractions,
             classes=classes,
@@ -88,7 +100,24 @@ class Baseline:
             prob_fractions=prob_fr,
             holdout_accuracy=holdout.get("accuracy"),
             task=str(raw.get("task", "classification")),
+            nbins=nbins,
+            boundaries=np.asarray(bounds),
+            offsets=offsets,
+            scale=1.0 / spans,
         )
+
+    def bin(self, x: Array) -> Array:
+        """Bin index of every value, [n, F]: 0 underflow, 1..B the feature's bins, B+1 overflow.
+
+        One searchsorted for all features: each feature's values are mapped onto its own stretch
+        of a shared axis, where the boundaries of every feature sit in increasing order.
+        """
+        lanes = 3.0 * np.arange(self.n_features)
+        z = (x - self.mins) * self.scale + (lanes + 1.0)
+        np.clip(z, lanes + 0.5, lanes + 2.5, out=z)
+        pos = np.searchsorted(self.boundaries, z.ravel(), side="right").reshape(z.shape)
+        local: Array = pos - self.offsets
+        return local
 
 
 class Layout:
@@ -176,6 +205,7 @@ class VersionMonitor:
     psi_history: deque[Array] = field(default_factory=lambda: deque(maxlen=SUBWINDOWS + 1))
     _hashes: Array = field(init=False)
     _hash_pos: int = 0
+    _long_scores: Judgement | None = None
     _hash_filled: int = 0
     _multipliers: Array = field(init=False)
 
@@ -220,7 +250,8 @@ class VersionMonitor:
             end = min(n, start + self.short.sub_rows - int(self.short.current[ROWS]))
             counts = self.count(x[start:end], {k: v[start:end] for k, v in outs.items()})
             self.cumulative += counts
-            self.long.add(counts)
+            if self.long.add(counts) and self.long.full:
+                self._long_scores = self.scores(self.long.total)  # the long window moves slowly
             if self.short.add(counts):
                 events += self.judge()
             start = end
@@ -231,14 +262,11 @@ class VersionMonitor:
         n, f = x.shape
         counts = np.zeros(lay.size, dtype=np.int64)
         counts[ROWS] = n
-        xf = x.astype(np.float64, copy=False)
-        idx = (xf[:, :, None] >= b.interior[None, :, :]).sum(axis=2) + 1
-        under = xf < b.mins
-        over = xf > b.maxs
-        idx[under] = 0
-        idx[over] = b.width - 1
-        counts[OUT_OF_RANGE] = int(under.sum() + over.sum())
-        flat = (idx + np.arange(f) * b.width).ravel()
+        idx = b.bin(x.astype(np.float64, copy=False))
+        counts[OUT_OF_RANGE] = int(np.count_nonzero(idx == 0) + np.count_nonzero(idx > b.nbins))
+        flat = (
+            idx + np.arange(f) * b.width
+        ).ravel()  # overflow sits right after each feature's bins
         counts[lay.features] = np.bincount(flat, minlength=f * b.width)
         if b.classes is not None and "label" in outputs and "probabilities" in outputs:
             labels = np.searchsorted(b.classes, outputs["label"].reshape(-1))
@@ -251,29 +279,19 @@ class VersionMonitor:
             )
             pflat = (pidx + np.arange(lay.n_classes) * lay.prob_bins).ravel()
             counts[lay.probs] = np.bincount(pflat, minlength=lay.n_classes * lay.prob_bins)
-        counts[DUPLICATES] = self._duplicates(x)
+        self._remember_rows(x)
         return counts
 
-    def _duplicates(self, x: Array) -> int:
-        """Rows already among the last `duplicate_memory` rows (vectorised 64-bit row hashes).
-
-        On its own this repeat count says little for a small population of inputs; the signal of a
-        broken client is concentration, `top_share()`: one row taking a large share of recent rows.
-        """
+    def _remember_rows(self, x: Array) -> None:
+        """Keep a 64-bit hash of each of the last `duplicate_memory` rows (vectorised)."""
         bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
         h = (bits * self._multipliers).sum(axis=1, dtype=np.uint64)
         h ^= h >> np.uint64(29)
-        seen = np.isin(h, self._hashes)
-        _, first = np.unique(h, return_index=True)
-        within = np.ones(h.size, dtype=bool)
-        within[first] = False  # repeats inside this chunk count too
-        dup = int((seen | within).sum())
         n = h.size
         pos = (self._hash_pos + np.arange(n)) % self.duplicate_memory
         self._hashes[pos] = h
         self._hash_filled = min(self._hash_filled + n, self.duplicate_memory)
         self._hash_pos = int((self._hash_pos + n) % self.duplicate_memory)
-        return dup
 
     @property
     def recent_rows(self) -> int:
@@ -330,7 +348,7 @@ class VersionMonitor:
         """Score both windows (when full) and return the distributions whose level changed."""
         events: list[DriftEvent] = []
         short = self.scores(self.short.total) if self.short.full else None
-        long = self.scores(self.long.total) if self.long.full else None
+        long = self._long_scores
         if short is not None:
             self.judged["short"] = short
             self.psi_history.append(short.psi.copy())
@@ -361,16 +379,15 @@ class VersionMonitor:
     # ---------------------------------------------------------------- reading
 
     def rates(self) -> dict[str, float | None]:
-        """Input anomalies (None until there are rows): values outside the training range and rows
-        repeating a recent row, over the short window; the most repeated row's share of the last
-        `duplicate_memory` rows."""
+        """Input anomalies (None until there are rows): the share of values outside the training
+        range over the short window, and the most repeated row's share of the last
+        `duplicate_memory` rows (a client resending one input)."""
         t = self.short.total if self.short.full else self.cumulative
         rows = int(t[ROWS])
         if rows == 0:
-            return {"out_of_range": None, "repeats": None, "duplicates": None}
+            return {"out_of_range": None, "duplicates": None}
         return {
             "out_of_range": float(t[OUT_OF_RANGE]) / (rows * self.baseline.n_features),
-            "repeats": float(t[DUPLICATES]) / rows,
             "duplicates": self.top_share(),
         }
 
@@ -387,8 +404,8 @@ class VersionMonitor:
             out.append(
                 {
                     "name": name,
-                    "baseline": b.fractions[i].round(5).tolist(),
-                    "live": frac[i].round(5).tolist(),
+                    "baseline": b.fractions[i, : int(b.nbins[i]) + 2].round(5).tolist(),
+                    "live": frac[i, : int(b.nbins[i]) + 2].round(5).tolist(),
                     "psi": None if short is None else round(float(short.psi[i]), 5),
                 }
             )
