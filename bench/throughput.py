@@ -819,6 +819,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         ("http-limit", "c64"),
         ("inline-onnx", "c64"),
         ("single", "c64"),
+        ("single-nomon", "c64"),
         ("canary", "c64"),
         ("shadow", "c64"),
         ("inline-onnx", "c1"),
