@@ -95,8 +95,8 @@ class MirrorLane:
         self._queue.append((x, primary))
         self._queued_rows += n
         self.stats.sent += n
-        if self._queued_rows >= self.max_batch_rows:
-            self._full.set()
+        if self._queued_rows >= min(self.max_batch_rows, self.queue_rows):
+            self._full.set()  # a full batch, or a full queue: waiting longer only drops rows
         self._idle.clear()
         self._wake.set()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import (
@@ -18,6 +19,7 @@ from .stats import LatencyHistogram, VersionStats
 from .tracker import Judgement
 
 Registry = CollectorRegistry
+S = TypeVar("S")
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -51,14 +53,18 @@ class Snapshot:
     config_ok: bool = True
 
 
-class ProxyCollector(Collector):
-    """Turns a Snapshot into metric families."""
+class _SnapshotCollector(Collector, Generic[S]):
+    """A collector that reads one snapshot of live state per scrape (no per-request cost)."""
 
-    def __init__(self, snapshot: Callable[[], Snapshot]) -> None:
+    def __init__(self, snapshot: Callable[[], S]) -> None:
         self._snapshot = snapshot
 
     def describe(self) -> list[Metric]:
-        return []
+        return []  # families depend on what is served: nothing to pre-declare
+
+
+class ProxyCollector(_SnapshotCollector[Snapshot]):
+    """Traffic, latency, batching, shadow, rollouts and reloads."""
 
     def collect(self) -> Iterator[Metric]:
         snap = self._snapshot()
@@ -247,14 +253,8 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 ALERT_KINDS = ("drift", "concept_drift", "overload", "duplicate_inputs", "canary_rollback")
 
 
-class MonitorCollector(Collector):
-    """Drift scores, input anomalies, accuracy, queue waits, loop lag and alerts at scrape time."""
-
-    def __init__(self, snapshot: Callable[[], MonitorSnapshot]) -> None:
-        self._snapshot = snapshot
-
-    def describe(self) -> list[Metric]:
-        return []
+class MonitorCollector(_SnapshotCollector[MonitorSnapshot]):
+    """Drift scores, input anomalies, accuracy, queue waits, loop lag and alerts."""
 
     def collect(self) -> Iterator[Metric]:
         snap = self._snapshot()
