@@ -81,12 +81,12 @@ class GatesConfig:
     max_p99_ms: float | None = None
     min_agreement: float | None = None
     min_requests: int = 50
+    max_psi: float | None = None  # the canary's worst drift (short window, features and outputs)
 
     @property
     def any(self) -> bool:
-        return any(
-            g is not None for g in (self.max_error_rate, self.max_p99_ms, self.min_agreement)
-        )
+        gates = (self.max_error_rate, self.max_p99_ms, self.min_agreement, self.max_psi)
+        return any(g is not None for g in gates)
 
 
 @dataclass(frozen=True, slots=True)
@@ -486,13 +486,8 @@ def _parse_canary(
 
 def _parse_gates(r: _Reader) -> GatesConfig:
     d = GatesConfig()
-    if "max_psi" in r.table:
-        r.table.pop("max_psi")
-        r.error(
-            "drift gates need drift monitoring, which is not in this release; remove the key",
-            "max_psi",
-        )
     err = r.get("max_error_rate", "a number", None)
+    max_psi = _positive(r, "max_psi", "a number", None)
     p99 = _positive(r, "max_p99_ms", "a number", None)
     agree = r.get("min_agreement", "a number", None)
     min_requests = _positive(r, "min_requests", "an integer", d.min_requests)
@@ -500,7 +495,7 @@ def _parse_gates(r: _Reader) -> GatesConfig:
     for name, value in (("max_error_rate", err), ("min_agreement", agree)):
         if value is not None and not 0.0 <= value <= 1.0:
             r.error(f"must be a fraction in 0..1, not {value}", name)
-    return GatesConfig(err, p99, agree, min_requests)
+    return GatesConfig(err, p99, agree, min_requests, max_psi)
 
 
 def _parse_shadow(

@@ -144,6 +144,7 @@ async def create_plan(
     if not errors:
         for model in config.models.values():
             errors.extend(_check_inputs(model, loaded[model.name]))
+            errors.extend(_check_drift_gate(model, loaded[model.name]))
     if errors:
         await asyncio.gather(*(b.close() for b in fresh))
         raise ConfigError(errors, config.source)
@@ -210,6 +211,23 @@ async def _load_or_reuse(
         limits=config.limits,
         model_name=model_name,
     )
+
+
+def _check_drift_gate(model: ModelConfig, backends: dict[str, Backend]) -> list[str]:
+    """A max_psi gate needs the canary's drift: a local version with a baseline, monitoring on."""
+    c = model.canary
+    if model.mode != "canary" or c is None or c.canary is None or c.gates.max_psi is None:
+        return []
+    key = f"models.{model.name}.canary.gates.max_psi"
+    if not model.drift.enabled:
+        return [f"{key}: needs drift monitoring, but models.{model.name}.drift.enabled = false"]
+    b = backends[c.canary]
+    if not isinstance(b, LocalBackend) or not b.model.manifest.raw.get("baseline"):
+        return [
+            f"{key}: {c.canary} has no baseline statistics to judge drift against"
+            " (a remote version, or a manifest without a baseline)"
+        ]
+    return []
 
 
 def _check_inputs(model: ModelConfig, backends: dict[str, Backend]) -> list[str]:

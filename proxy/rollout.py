@@ -39,6 +39,7 @@ def rollout_key(model: ModelConfig) -> str:
             c.gates.max_error_rate,
             c.gates.max_p99_ms,
             c.gates.min_agreement,
+            c.gates.max_psi,
             c.gates.min_requests,
         ],
         "versions": versions,
@@ -82,6 +83,7 @@ class RolloutController:
         alerts: Alerts,
         apply: Callable[[dict[str, float]], None],
         now: float,
+        drift: Callable[[], tuple[str, float] | None] = lambda: None,
     ) -> None:
         c = model.canary
         assert c is not None and c.canary is not None
@@ -97,6 +99,7 @@ class RolloutController:
         self._audit = audit
         self._alerts = alerts
         self._apply = apply
+        self._drift = drift  # the canary's worst (distribution, PSI), None until a window is full
         total = sum(c.weights.values())
         self.weight = 100.0 * c.weights[self.canary] / total
         self.status: Status = "progressing" if c.steps else "holding"
@@ -151,6 +154,13 @@ class RolloutController:
             )
         if g.max_p99_ms is not None and w.p99_ms is not None and w.p99_ms > g.max_p99_ms:
             failed.append(f"p99 {w.p99_ms:.2f} ms > max_p99_ms {g.max_p99_ms}")
+        if g.max_psi is not None:
+            worst = self._drift()
+            if worst is None:
+                return None
+            name, value = worst
+            if value > g.max_psi:
+                failed.append(f"drift of {name}: PSI {value:.4f} > max_psi {g.max_psi}")
         if g.min_agreement is not None:
             if w.compared < g.min_requests:
                 return None

@@ -145,10 +145,23 @@ class Serving:
                 alerts=self.alerts,
                 apply=functools.partial(self._apply_weights, name),
                 now=now,
+                drift=functools.partial(self._worst_drift, name, c.canary),
             )
         for controller in controllers.values():
             controller.digest = self.plan.config.digest
         self.controllers = controllers
+
+    def _worst_drift(self, model: str, version: str) -> tuple[str, float] | None:
+        """The version's most drifted distribution over its short window, once that is full."""
+        vw = self.watch.versions.get((model, version))
+        if vw is None or vw.monitor is None:
+            return None
+        self.watch.flush()  # routes any level change to its alert, as every reader does
+        judged = vw.monitor.judged.get("short")
+        if judged is None:
+            return None
+        i = int(judged.psi.argmax())
+        return vw.monitor.baseline.names[i], float(judged.psi[i])
 
     def _apply_weights(self, model: str, weights: dict[str, float]) -> None:
         mp = self.plan.models.get(model)

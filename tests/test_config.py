@@ -138,9 +138,9 @@ def test_good_minimal_config(tmp_path: Path) -> None:
         (
             GOOD.replace(
                 "weights = { v1 = 90, v2 = 10 }",
-                "weights = { v1 = 90, v2 = 10 }\nsteps = [25]\ngates = { max_psi = 0.2 }",
+                "weights = { v1 = 90, v2 = 10 }\nsteps = [25]\ngates = { max_psi = -0.2 }",
             ),
-            "models.cancer.canary.gates.max_psi: drift gates need drift monitoring",
+            "models.cancer.canary.gates.max_psi: must be > 0, not -0.2",
         ),
         (
             GOOD.replace(

@@ -254,3 +254,30 @@ async def test_unwritable_state_and_audit_do_not_stop_serving_or_rollbacks(
     assert serving.state.write_errors == 1 and serving.audit.write_errors >= 2  # start, rollback
     assert set(await send(client, cancer_rows, 20)) == {"v1"}
     assert (await serving.reload("test"))["outcome"] == "ok"
+
+
+async def test_drift_gate_rolls_back_a_canary_whose_inputs_drift(
+    start: Any, write_config: Any, repo: Path, cancer_rows: Any
+) -> None:
+    extra = "gates = { max_psi = 0.25, min_requests = 20 }\n[models.cancer.drift]\nwindow = 100\nlong_window = 1000\n"
+    client, serving = await start(
+        write_config(canary(repo, "v2", weights="v1 = 50, v2 = 50", extra=extra))
+    )
+    c = serving.controllers["cancer"]
+    await send(client, cancer_rows, 60)
+    assert c.tick(c._step_started + 1) == "wait"  # the canary's drift window is not full yet
+    shifted = cancer_rows.copy()
+    shifted[:, 3] += cancer_rows[:, 3].std()  # mean_area moves by one standard deviation
+    await send(client, shifted, 400, offset=60)
+    assert c.tick(c._step_started + 1) == "rollback"
+    assert "drift of mean_area: PSI" in c.cause and "> max_psi 0.25" in c.cause
+
+
+async def test_drift_gate_needs_monitoring(write_config: Any, repo: Path) -> None:
+    from proxy.errors import ConfigError
+
+    extra = "gates = { max_psi = 0.25 }\n[models.cancer.drift]\nenabled = false\n"
+    with pytest.raises(ConfigError, match="max_psi: needs drift monitoring"):
+        await create_serving(
+            write_config(canary(repo, "v2", weights="v1 = 50, v2 = 50", extra=extra))
+        )
