@@ -96,9 +96,12 @@ class Watch:
                 )
                 if isinstance(backend, LocalBackend):
                     backend.batcher.observer = observer
+                # Mirrored rows are not monitored again: their inputs are the primary's, already
+                # counted, and a canary's rows mirrored to stable would skew stable's histograms.
+                # A mirror is judged by its agreement with the primary.
                 lane = mp.lanes.get(version)
                 if lane is not None:
-                    lane.observer = observer
+                    lane.observer = None
 
     # ---------------------------------------------------------------- data drift
 
