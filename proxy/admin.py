@@ -155,6 +155,8 @@ def status(serving: Serving) -> dict[str, Any]:
     plan = serving.plan
     models: dict[str, Any] = {}
     now = serving.loop_time()
+    serving.watch.flush()
+    open_alerts = serving.alerts.open_alerts()
     for mp in plan.models.values():
         split = mp.strategy.split()
         versions: dict[str, Any] = {}
@@ -181,6 +183,7 @@ def status(serving: Serving) -> dict[str, Any]:
             vw = serving.watch.versions.get((mp.name, v))
             if vw is not None:
                 doc["monitoring"] = _monitoring_summary(vw)
+            doc["alerts"] = [a for a in open_alerts if a["model"] == mp.name and a["version"] == v]
             lane = mp.lanes.get(v)
             if lane is not None:
                 doc["mirror"]["queued_rows"] = lane.queued_rows

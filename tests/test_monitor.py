@@ -269,6 +269,11 @@ async def test_a_client_resending_one_row_raises_the_duplicate_signal(
     serving.housekeeping()
     dup = [a for a in serving.alerts.recent() if a["kind"] == "duplicate_inputs"]
     assert dup and dup[0]["state"] == "firing" and dup[0]["value"] == pytest.approx(1.0)
+    from proxy.admin import status
+
+    v1 = status(serving)["models"]["cancer"]["versions"]["v1"]
+    # per version, in /admin/status (one row over and over is drift too, on every feature)
+    assert "duplicate_inputs" in {a["kind"] for a in v1["alerts"]}
 
 
 async def test_non_finite_inputs_are_refused_and_counted(
