@@ -351,3 +351,20 @@ def test_latency_percentiles_from_buckets_within_3_percent() -> None:
             want = float(np.quantile(samples, q))
             got = hist.quantile(q)
             assert got is not None and abs(got - want) / want < 0.03, (median_s, q, got, want)
+
+
+def test_prediction_store_keeps_the_last_predictions() -> None:
+    from proxy.monitor.feedback import PredictionStore
+
+    store = PredictionStore(3)
+    for i in range(5):
+        store.put(f"r{i}", "v1", np.array([i]))
+    assert store.evicted == 2 and len(store) == 3
+    assert store.pop("r0") is None and store.pop("r1") is None
+    got = store.pop("r3")
+    assert got is not None and got.version == "v1" and got.labels.tolist() == [3]
+    assert store.pop("r3") is None  # joined once
+    store.put("r4", "v2", np.array([9]))  # the same id again: the newer answer wins
+    got = store.pop("r4")
+    assert got is not None and got.version == "v2" and got.labels.tolist() == [9]
+    assert store.pop("r4") is None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,25 +20,49 @@ class Prediction:
 
 
 class PredictionStore:
-    """The last `capacity` predictions by request id; the oldest are dropped (and counted)."""
+    """The last `capacity` predictions by request id; the oldest are dropped (and counted).
+
+    A ring of preallocated slots and one dict from id to slot: a put allocates no object of its
+    own (it sits on every request's path), and nothing here is left for the garbage collector
+    to walk but three flat lists.
+    """
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._items: OrderedDict[str, Prediction] = OrderedDict()
+        self._slot: dict[str, int] = {}
+        self._ids: list[str | None] = [None] * capacity
+        self._versions: list[str] = [""] * capacity
+        self._labels: list[Array | None] = [None] * capacity
+        self._next = 0
         self.evicted = 0
 
     def put(self, request_id: str, version: str, labels: Array) -> None:
-        items = self._items
-        items[request_id] = Prediction(version, labels)
-        if len(items) > self.capacity:
-            items.popitem(last=False)
+        k = self._next
+        old = self._ids[k]
+        if old is not None and self._slot.get(old) == k:
+            del self._slot[old]
             self.evicted += 1
+        previous = self._slot.get(request_id)
+        if previous is not None:  # the same id again: the newer answer wins
+            self._ids[previous] = None
+        self._ids[k] = request_id
+        self._versions[k] = version
+        self._labels[k] = labels
+        self._slot[request_id] = k
+        self._next = k + 1 if k + 1 < self.capacity else 0
 
     def pop(self, request_id: str) -> Prediction | None:
-        return self._items.pop(request_id, None)
+        k = self._slot.pop(request_id, None)
+        if k is None:
+            return None
+        labels = self._labels[k]
+        self._ids[k] = None
+        self._labels[k] = None
+        assert labels is not None
+        return Prediction(self._versions[k], labels)
 
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self._slot)
 
 
 @dataclass
