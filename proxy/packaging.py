@@ -12,6 +12,7 @@ import numpy as np
 import orjson
 
 from .repository import MANIFEST_FILE, MODEL_FILE, sha256_file
+from .state import write_atomic
 
 FEATURE_BINS = 10  # quantile bins per feature in the baseline
 PROBABILITY_BINS = 10  # fixed-width bins over [0, 1] for predicted probabilities
@@ -220,19 +221,13 @@ def package_model(
     }
     directory = repo / name / version
     directory.mkdir(parents=True, exist_ok=True)
-    _write_atomic(directory / MODEL_FILE, blob)
-    _write_atomic(
+    write_atomic(directory / MODEL_FILE, blob)
+    write_atomic(
         directory / MANIFEST_FILE,
         orjson.dumps(manifest, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n",
     )
     assert sha256_file(directory / MODEL_FILE) == manifest["model"]["sha256"]  # type: ignore[index]
     return directory
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
 
 
 def demo_data() -> tuple[

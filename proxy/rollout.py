@@ -130,9 +130,7 @@ class RolloutController:
 
     def window(self) -> Window:
         cs, mirror, m = self._canary_stats, self._stable_stats.mirror, self._mark
-        hist = LatencyHistogram()
-        hist.counts = cs.latency.counts - m.latency
-        p99 = hist.quantile(0.99)
+        p99 = LatencyHistogram.since(cs.latency, m.latency).quantile(0.99)
         compared = mirror.label_rows - m.label_rows
         return Window(
             requests=cs.requests - m.requests,

@@ -68,7 +68,6 @@ class MirrorLane:
         self._open_until = -1.0
         self._task: asyncio.Task[None] | None = None
         # sees the mirror's rows and answers (its own drift monitoring)
-        self.observer: Callable[[Array, dict[str, Array]], None] | None = None
 
     @property
     def breaker_open(self) -> bool:
@@ -166,11 +165,6 @@ class MirrorLane:
             else {k: np.concatenate([a[k] for a in answers]) for k in answers[0]}
         )
         compare_outputs(primary, out, self.stats)
-        if self.observer is not None:
-            try:
-                self.observer(x, out)
-            except Exception:  # monitoring must never break the lane
-                log.exception("monitoring mirror %s failed", self.backend.version)
 
     async def close(self) -> None:
         if self._task is not None:

@@ -94,14 +94,10 @@ class Watch:
                     if vw.monitor is not None
                     else None
                 )
+                # Only what a version answers is monitored: mirrored rows are the primary's
+                # inputs, already counted; a mirror is judged by its agreement with the primary.
                 if isinstance(backend, LocalBackend):
                     backend.batcher.observer = observer
-                # Mirrored rows are not monitored again: their inputs are the primary's, already
-                # counted, and a canary's rows mirrored to stable would skew stable's histograms.
-                # A mirror is judged by its agreement with the primary.
-                lane = mp.lanes.get(version)
-                if lane is not None:
-                    lane.observer = None
 
     # ---------------------------------------------------------------- data drift
 
@@ -290,8 +286,7 @@ class Watch:
                 counts = st.latency.counts.copy()
                 point: dict[str, Any] = {"t": t, "ts": round(time.time(), 3)}
                 if vw.last_counts is not None:
-                    h = LatencyHistogram()
-                    h.counts = counts - vw.last_counts
+                    h = LatencyHistogram.since(st.latency, vw.last_counts)
                     for q, k in ((0.5, "p50"), (0.9, "p90"), (0.99, "p99")):
                         v = h.quantile(q)
                         point[k] = None if v is None else round(v * 1000, 4)

@@ -35,6 +35,13 @@ class LatencyHistogram:
         self.counts = np.zeros(N_LATENCY_BINS, dtype=np.int64)
         self.sum = 0.0
 
+    @classmethod
+    def since(cls, now: LatencyHistogram, earlier_counts: np.ndarray[Any, Any]) -> LatencyHistogram:
+        """What `now` recorded after its counts were `earlier_counts` (a window of it)."""
+        h = cls()
+        h.counts = now.counts - earlier_counts
+        return h
+
     def observe(self, seconds: float) -> None:
         self.counts[latency_bin(seconds)] += 1
         self.sum += seconds
