@@ -23,7 +23,12 @@ GC_THRESHOLDS = (20_000, 20, 20)
 
 
 async def serve(
-    config: Config, *, stop: asyncio.Event | None = None, drain_timeout_s: float = DRAIN_TIMEOUT_S
+    config: Config,
+    *,
+    stop: asyncio.Event | None = None,
+    drain_timeout_s: float = DRAIN_TIMEOUT_S,
+    ready: asyncio.Event | None = None,
+    draining: asyncio.Event | None = None,
 ) -> None:
     """Serve `config` until `stop` is set (or SIGTERM/SIGINT arrives), then drain and close.
 
@@ -63,6 +68,8 @@ async def serve(
         gc.collect()
         gc.freeze()  # what startup built lives forever: keep it out of every later collection
         gc.set_threshold(*GC_THRESHOLDS)
+        if ready is not None:
+            ready.set()  # both planes listen
         log.info(
             "serving %s on http://%s:%d (admin http://%s:%d); models: %s",
             config.source,
@@ -81,6 +88,8 @@ async def serve(
             drain_timeout_s,
         )
         await data_site.stop()  # closes the listening socket; open connections carry on
+        if draining is not None:
+            draining.set()
         drained = await serving.drained(drain_timeout_s)
         if not drained:
             log.warning(

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import queue
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import orjson
@@ -80,39 +82,66 @@ def _get(url: str, body: bytes | None = None) -> tuple[int, dict[str, str], byte
 
 @dataclass
 class Served:
+    """A running `mlproxy serve`: its log lines arrive in `lines` as the process writes them."""
+
     proc: subprocess.Popen[str]
-    output: str = ""
+    lines: queue.Queue[str | None] = field(default_factory=queue.Queue)
+    seen: list[str] = field(default_factory=list)
+
+    @property
+    def output(self) -> str:
+        return "".join(self.seen)
+
+    def wait_for_line(self, text: str, timeout: float = 30.0) -> str:
+        """Block until the process logs a line containing `text` (or fail at the deadline)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                line = self.lines.get(timeout=max(remaining, 0.001))
+            except queue.Empty:
+                pytest.fail(f"no log line with {text!r} in {timeout} s; log so far:\n{self.output}")
+            if line is None:
+                pytest.fail(f"server exited before logging {text!r}:\n{self.output}")
+            self.seen.append(line)
+            if text in line:
+                return line
+
+
+def _pump(proc: subprocess.Popen[str], lines: queue.Queue[str | None]) -> None:
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        lines.put(line)
+    lines.put(None)
 
 
 @contextlib.contextmanager
 def serve_process(path: Path, port: int) -> Iterator[Served]:
-    """`mlproxy serve` in a real process, ready when the block starts, SIGTERMed after it."""
+    """`mlproxy serve` in a real process, ready (it logged "serving") when the block starts,
+    SIGTERMed after it; `output` then holds its whole log."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "proxy", "serve", "--config", str(path)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
+    served = Served(proc)
+    reader = threading.Thread(target=_pump, args=(proc, served.lines), daemon=True)
+    reader.start()
     try:
-        deadline = time.monotonic() + 30
-        while True:  # poll readiness with a deadline
-            try:
-                if _get(f"http://127.0.0.1:{port}/v2/health/ready")[0] == 200:
-                    break
-            except OSError:
-                pass
-            if proc.poll() is not None:
-                pytest.fail(f"server exited: {proc.stdout.read() if proc.stdout else ''}")
-            if time.monotonic() > deadline:
-                pytest.fail("server did not become ready in 30 s")
-            time.sleep(0.05)
-        served = Served(proc)
+        served.wait_for_line(f"serving {path} on http://127.0.0.1:{port}")
         yield served
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=30)
-    served.output = out
+        proc.wait(timeout=30)
+        reader.join(timeout=10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+        while not served.lines.empty():
+            line = served.lines.get()
+            if line is not None:
+                served.seen.append(line)
 
 
 def test_serve_answers_and_stops_cleanly_on_sigterm(

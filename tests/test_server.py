@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import socket
-import time
 from pathlib import Path
 from typing import Any
 
@@ -43,16 +42,13 @@ async def test_stop_drains_requests_in_flight_and_refuses_new_ones(
     path = tmp_path / "server.toml"
     path.write_text(text)
     stop = asyncio.Event()
-    server = asyncio.ensure_future(serve(load_config(path), stop=stop, drain_timeout_s=30))
+    ready, draining = asyncio.Event(), asyncio.Event()
+    server = asyncio.ensure_future(
+        serve(load_config(path), stop=stop, drain_timeout_s=30, ready=ready, draining=draining)
+    )
     base = f"http://127.0.0.1:{port}"
     async with aiohttp.ClientSession() as http:
-        for _ in range(600):  # poll readiness, bounded
-            try:
-                async with http.get(base + "/v2/health/ready") as resp:
-                    if resp.status == 200:
-                        break
-            except aiohttp.ClientConnectionError:
-                await asyncio.sleep(0.01)
+        await asyncio.wait_for(ready.wait(), timeout=30)
         up.gate.clear()
         held = asyncio.ensure_future(
             http.post(
@@ -61,13 +57,9 @@ async def test_stop_drains_requests_in_flight_and_refuses_new_ones(
         )
         await asyncio.wait_for(up.first_received.wait(), timeout=10)
         stop.set()
-        for _ in range(600):  # the listening socket closes first
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) != 0:
-                    break
-            await asyncio.sleep(0.01)
-        else:
-            raise AssertionError("still accepting connections after stop")
+        await asyncio.wait_for(draining.wait(), timeout=10)  # the listening socket is closed
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", port)) != 0, "still accepting connections after stop"
         assert not server.done()  # still draining the held request
         up.gate.set()
         resp = await asyncio.wait_for(held, timeout=10)
@@ -83,13 +75,6 @@ def _status(admin: int) -> dict[str, Any]:
     return orjson.loads(_get(f"http://127.0.0.1:{admin}/admin/status")[2])
 
 
-def _wait_for(predicate: Any, what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
 def test_sighup_and_file_change_reload_a_running_process(tmp_path: Path, model_repo: Path) -> None:
     port, admin = free_port(), free_port()
     path = write(tmp_path, model_repo, port=port, admin=admin)
@@ -99,23 +84,19 @@ def test_sighup_and_file_change_reload_a_running_process(tmp_path: Path, model_r
         new = tmp_path / "config.toml.new"
         new.write_text(path.read_text().replace('mode = "canary"', 'mode = "blue_green"'))
         new.replace(path)
-        _wait_for(
-            lambda: _status(admin)["models"]["cancer"]["mode"] == "blue_green",
-            "the file-change reload",
-        )
+        served.wait_for_line("reloaded (file changed)")
+        assert _status(admin)["models"]["cancer"]["mode"] == "blue_green"
         second = _status(admin)["config"]["digest"]
         assert second != first
         # SIGHUP reloads too (an in-place edit first, in case the watcher is faster, is fine)
         path.write_text(path.read_text().replace('active = "blue"', 'active = "green"'))
         served.proc.send_signal(signal.SIGHUP)
-        _wait_for(
-            lambda: _status(admin)["models"]["cancer"]["weights"] == {"v2": 1.0},
-            "the SIGHUP reload",
-        )
+        served.wait_for_line("reloaded (SIGHUP)")
+        assert _status(admin)["models"]["cancer"]["weights"] == {"v2": 1.0}
         # a bad edit is refused and shown, the running config keeps serving
         path.write_text(path.read_text() + "\n[nonsense\n")
         served.proc.send_signal(signal.SIGHUP)
-        _wait_for(lambda: _status(admin)["config"]["last_error"] is not None, "the refused reload")
+        served.wait_for_line("reload (SIGHUP) refused")
         assert "invalid TOML" in _status(admin)["config"]["last_error"]
         assert _status(admin)["models"]["cancer"]["weights"] == {"v2": 1.0}
     assert served.proc.returncode == 0
