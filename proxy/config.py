@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from .errors import ConfigError
+from .tables import TableReader, is_kind, port_key, positive_key
 
 MODES = ("single", "canary", "shadow", "blue_green")
 Mode = Literal["single", "canary", "shadow", "blue_green"]
-_MISSING = object()
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,84 +172,21 @@ class Config:
     digest: str = ""
 
 
-class _Reader:
-    """Takes keys out of one TOML table, type-checking each, and remembers every problem."""
-
-    def __init__(self, table: Any, key: str, errors: list[str]) -> None:
-        self.key = key
-        self.errors = errors
-        if not isinstance(table, dict):
-            self.error(f"must be a table, not {_kind(table)}")
-            table = {}
-        self.table: dict[str, Any] = dict(table)
-
-    def error(self, reason: str, sub: str | None = None) -> None:
-        where = f"{self.key}.{sub}" if sub else self.key
-        self.errors.append(f"{where}: {reason}")
-
-    def get(self, name: str, kind: str, default: Any = _MISSING) -> Any:
-        if name not in self.table:
-            if default is _MISSING:
-                self.error("is required", name)
-            return None if default is _MISSING else default
-        value = self.table.pop(name)
-        if not _is_kind(value, kind):
-            self.error(f"must be {kind}, not {_kind(value)} {value!r}", name)
-            return None if default is _MISSING else default
-        return float(value) if kind == "a number" else value
-
-    def table_of(self, name: str) -> Any:
-        return self.table.pop(name, None)
-
-    def done(self) -> None:
-        for extra in self.table:
-            self.error("unknown key", extra)
-
-
-def _kind(value: Any) -> str:
-    return {
-        bool: "a boolean",
-        int: "an integer",
-        float: "a number",
-        str: "a string",
-        list: "an array",
-        dict: "a table",
-    }.get(type(value), type(value).__name__)
-
-
-def _is_kind(value: Any, kind: str) -> bool:
-    if kind == "an integer":
-        return isinstance(value, int) and not isinstance(value, bool)
-    if kind == "a number":
-        return (
-            isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-        )
-    if kind == "a string":
-        return isinstance(value, str)
-    if kind == "a boolean":
-        return isinstance(value, bool)
-    if kind == "an array":
-        return isinstance(value, list)
-    if kind == "a table":
-        return isinstance(value, dict)
-    raise AssertionError(kind)
-
-
 def parse_config(data: dict[str, Any], *, base_dir: Path, source: str = "config.toml") -> Config:
     """Validate a parsed TOML document; raise ConfigError listing every problem found."""
     errors: list[str] = []
-    root = _Reader(data, "", errors)
-    server = _parse_server(_Reader(root.table_of("server") or {}, "server", errors))
-    admin = _parse_admin(_Reader(root.table_of("admin") or {}, "admin", errors))
-    limits = _parse_limits(_Reader(root.table_of("limits") or {}, "limits", errors))
-    batching = _parse_batching(_Reader(root.table_of("batching") or {}, "batching", errors))
-    alerts_r = _Reader(root.table_of("alerts") or {}, "alerts", errors)
+    root = TableReader(data, "", errors)
+    server = _parse_server(TableReader(root.table_of("server") or {}, "server", errors))
+    admin = _parse_admin(TableReader(root.table_of("admin") or {}, "admin", errors))
+    limits = _parse_limits(TableReader(root.table_of("limits") or {}, "limits", errors))
+    batching = _parse_batching(TableReader(root.table_of("batching") or {}, "batching", errors))
+    alerts_r = TableReader(root.table_of("alerts") or {}, "alerts", errors)
     alerts = AlertsConfig(
         webhook=alerts_r.get("webhook", "a string", ""),
-        overload_lag_ms=_positive(
+        overload_lag_ms=positive_key(
             alerts_r, "overload_lag_ms", "a number", AlertsConfig().overload_lag_ms
         ),
-        overload_for_s=_positive(
+        overload_for_s=positive_key(
             alerts_r, "overload_for_s", "a number", AlertsConfig().overload_for_s, allow_zero=True
         ),
     )
@@ -293,59 +229,45 @@ def load_config(path: str | Path) -> Config:
     return config
 
 
-def _port(r: _Reader, name: str, default: int) -> int:
-    port: int = r.get(name, "an integer", default)
-    if not 0 <= port <= 65535:
-        r.error(f"must be a port number 0..65535, not {port}", name)
-    return port
-
-
-def _positive(r: _Reader, name: str, kind: str, default: Any, *, allow_zero: bool = False) -> Any:
-    value = r.get(name, kind, default)
-    if value is not None and (value < 0 or (value == 0 and not allow_zero)):
-        r.error(f"must be {'>= 0' if allow_zero else '> 0'}, not {value}", name)
-    return value
-
-
-def _parse_server(r: _Reader) -> ServerConfig:
+def _parse_server(r: TableReader) -> ServerConfig:
     d = ServerConfig()
     host = r.get("host", "a string", d.host)
-    port = _port(r, "port", d.port)
-    workers = _positive(r, "workers", "an integer", d.workers, allow_zero=True)
-    max_body = _positive(r, "max_body_bytes", "an integer", d.max_body_bytes)
+    port = port_key(r, "port", d.port)
+    workers = positive_key(r, "workers", "an integer", d.workers, allow_zero=True)
+    max_body = positive_key(r, "max_body_bytes", "an integer", d.max_body_bytes)
     r.done()
     return ServerConfig(host, port, workers, max_body)
 
 
-def _parse_admin(r: _Reader) -> AdminConfig:
+def _parse_admin(r: TableReader) -> AdminConfig:
     d = AdminConfig()
     host = r.get("host", "a string", d.host)
-    port = _port(r, "port", d.port)
+    port = port_key(r, "port", d.port)
     token_env = r.get("token_env", "a string", d.token_env)
     r.done()
     return AdminConfig(host, port, token_env)
 
 
-def _parse_limits(r: _Reader) -> LimitsConfig:
+def _parse_limits(r: TableReader) -> LimitsConfig:
     d = LimitsConfig()
-    max_inflight = _positive(r, "max_inflight", "an integer", d.max_inflight)
-    queue_timeout = _positive(r, "queue_timeout_ms", "a number", d.queue_timeout_ms)
+    max_inflight = positive_key(r, "max_inflight", "an integer", d.max_inflight)
+    queue_timeout = positive_key(r, "queue_timeout_ms", "a number", d.queue_timeout_ms)
     adaptive = r.get("adaptive", "a boolean", d.adaptive)
     r.done()
     return LimitsConfig(max_inflight, queue_timeout, adaptive)
 
 
-def _parse_batching(r: _Reader) -> BatchingConfig:
+def _parse_batching(r: TableReader) -> BatchingConfig:
     d = BatchingConfig()
-    size = _positive(r, "max_batch_size", "an integer", d.max_batch_size)
-    delay = _positive(r, "max_delay_ms", "a number", d.max_delay_ms, allow_zero=True)
-    inline = _positive(r, "inline_max_us", "a number", d.inline_max_us, allow_zero=True)
+    size = positive_key(r, "max_batch_size", "an integer", d.max_batch_size)
+    delay = positive_key(r, "max_delay_ms", "a number", d.max_delay_ms, allow_zero=True)
+    inline = positive_key(r, "inline_max_us", "a number", d.inline_max_us, allow_zero=True)
     r.done()
     return BatchingConfig(size, delay, inline)
 
 
 def _version_ref(
-    r: _Reader, name: str, value: Any, versions: dict[str, VersionConfig], model: str
+    r: TableReader, name: str, value: Any, versions: dict[str, VersionConfig], model: str
 ) -> bool:
     if value is None:
         return False
@@ -358,7 +280,7 @@ def _version_ref(
 
 def _parse_model(name: str, table: Any, base_dir: Path, errors: list[str]) -> ModelConfig | None:
     key = f"models.{name}"
-    r = _Reader(table, key, errors)
+    r = TableReader(table, key, errors)
     n_errors = len(errors)
     if not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
         r.error("a model name may hold only letters, digits, '-', '_' and '.'")
@@ -374,15 +296,17 @@ def _parse_model(name: str, table: Any, base_dir: Path, errors: list[str]) -> Mo
     canary = shadow = blue_green = None
     raw = r.table_of("canary")
     if raw is not None:
-        canary = _parse_canary(_Reader(raw, f"{key}.canary", errors), versions, name, stable)
+        canary = _parse_canary(TableReader(raw, f"{key}.canary", errors), versions, name, stable)
     raw = r.table_of("shadow")
     if raw is not None:
-        shadow = _parse_shadow(_Reader(raw, f"{key}.shadow", errors), versions, name)
+        shadow = _parse_shadow(TableReader(raw, f"{key}.shadow", errors), versions, name)
     raw = r.table_of("blue_green")
     if raw is not None:
-        blue_green = _parse_blue_green(_Reader(raw, f"{key}.blue_green", errors), versions, name)
+        blue_green = _parse_blue_green(
+            TableReader(raw, f"{key}.blue_green", errors), versions, name
+        )
     raw = r.table_of("drift")
-    drift = _parse_drift(_Reader(raw if raw is not None else {}, f"{key}.drift", errors))
+    drift = _parse_drift(TableReader(raw if raw is not None else {}, f"{key}.drift", errors))
     r.done()
 
     needed = {"canary": canary, "shadow": shadow, "blue_green": blue_green}
@@ -409,13 +333,13 @@ def _parse_versions(
     if raw is None:
         errors.append(f"{key}: is required (at least one version)")
         return {}
-    r = _Reader(raw, key, errors)
+    r = TableReader(raw, key, errors)
     versions: dict[str, VersionConfig] = {}
     for vname in list(r.table):
-        vr = _Reader(r.table.pop(vname), f"{key}.{vname}", errors)
+        vr = TableReader(r.table.pop(vname), f"{key}.{vname}", errors)
         path = vr.get("path", "a string", None)
         url = vr.get("url", "a string", None)
-        timeout = _positive(vr, "timeout_ms", "a number", 1000.0)
+        timeout = positive_key(vr, "timeout_ms", "a number", 1000.0)
         vr.done()
         if (path is None) == (url is None):
             vr.error("needs exactly one of path (a local model directory) or url (a remote server)")
@@ -431,15 +355,15 @@ def _parse_versions(
 
 
 def _parse_canary(
-    r: _Reader, versions: dict[str, VersionConfig], model: str, stable: str | None
+    r: TableReader, versions: dict[str, VersionConfig], model: str, stable: str | None
 ) -> CanaryConfig | None:
     raw = r.get("weights", "a table")
     steps_raw = r.get("steps", "an array", None)
-    interval = _positive(r, "step_interval_s", "a number", None)
+    interval = positive_key(r, "step_interval_s", "a number", None)
     gates_raw = r.table_of("gates")
     gates = GatesConfig()
     if gates_raw is not None:
-        gates = _parse_gates(_Reader(gates_raw, f"{r.key}.gates", r.errors))
+        gates = _parse_gates(TableReader(gates_raw, f"{r.key}.gates", r.errors))
     r.done()
     if raw is None:
         return None
@@ -447,7 +371,7 @@ def _parse_canary(
     for vname, w in raw.items():
         if not _version_ref(r, "weights", vname, versions, model):
             continue
-        if not _is_kind(w, "a number") or w < 0:
+        if not is_kind(w, "a number") or w < 0:
             r.error(f"{vname} must be a non-negative number, not {w!r}", "weights")
             continue
         weights[vname] = float(w)
@@ -458,7 +382,7 @@ def _parse_canary(
         return None
     steps: tuple[float, ...] = ()
     if steps_raw is not None:
-        if not steps_raw or not all(_is_kind(x, "a number") and 0 < x <= 100 for x in steps_raw):
+        if not steps_raw or not all(is_kind(x, "a number") and 0 < x <= 100 for x in steps_raw):
             r.error(
                 f"must be a non-empty list of percentages in (0, 100], not {steps_raw!r}", "steps"
             )
@@ -484,13 +408,13 @@ def _parse_canary(
     return CanaryConfig(weights, steps, interval if interval is not None else 60.0, gates, canary)
 
 
-def _parse_gates(r: _Reader) -> GatesConfig:
+def _parse_gates(r: TableReader) -> GatesConfig:
     d = GatesConfig()
     err = r.get("max_error_rate", "a number", None)
-    max_psi = _positive(r, "max_psi", "a number", None)
-    p99 = _positive(r, "max_p99_ms", "a number", None)
+    max_psi = positive_key(r, "max_psi", "a number", None)
+    p99 = positive_key(r, "max_p99_ms", "a number", None)
     agree = r.get("min_agreement", "a number", None)
-    min_requests = _positive(r, "min_requests", "an integer", d.min_requests)
+    min_requests = positive_key(r, "min_requests", "an integer", d.min_requests)
     r.done()
     for name, value in (("max_error_rate", err), ("min_agreement", agree)):
         if value is not None and not 0.0 <= value <= 1.0:
@@ -499,16 +423,16 @@ def _parse_gates(r: _Reader) -> GatesConfig:
 
 
 def _parse_shadow(
-    r: _Reader, versions: dict[str, VersionConfig], model: str
+    r: TableReader, versions: dict[str, VersionConfig], model: str
 ) -> ShadowConfig | None:
     d = ShadowConfig("", ())
     primary = r.get("primary", "a string")
     mirrors = r.get("mirrors", "an array")
     sample = r.get("sample", "a number", d.sample)
-    queue_rows = _positive(r, "queue_rows", "an integer", d.queue_rows)
-    timeout = _positive(r, "timeout_ms", "a number", d.timeout_ms)
-    failures = _positive(r, "breaker_failures", "an integer", d.breaker_failures)
-    pause = _positive(r, "breaker_pause_s", "a number", d.breaker_pause_s, allow_zero=True)
+    queue_rows = positive_key(r, "queue_rows", "an integer", d.queue_rows)
+    timeout = positive_key(r, "timeout_ms", "a number", d.timeout_ms)
+    failures = positive_key(r, "breaker_failures", "an integer", d.breaker_failures)
+    pause = positive_key(r, "breaker_pause_s", "a number", d.breaker_pause_s, allow_zero=True)
     r.done()
     ok = _version_ref(r, "primary", primary, versions, model)
     if sample is not None and not 0.0 <= sample <= 1.0:
@@ -534,7 +458,7 @@ def _parse_shadow(
 
 
 def _parse_blue_green(
-    r: _Reader, versions: dict[str, VersionConfig], model: str
+    r: TableReader, versions: dict[str, VersionConfig], model: str
 ) -> BlueGreenConfig | None:
     blue = r.get("blue", "a string")
     green = r.get("green", "a string")
@@ -551,16 +475,16 @@ def _parse_blue_green(
     return BlueGreenConfig(blue, green, active) if ok else None
 
 
-def _parse_drift(r: _Reader) -> DriftConfig:
+def _parse_drift(r: TableReader) -> DriftConfig:
     d = DriftConfig()
-    window = _positive(r, "window", "an integer", d.window)
-    long_window = _positive(r, "long_window", "an integer", d.long_window)
-    warn = _positive(r, "psi_warn", "a number", d.psi_warn)
-    alert = _positive(r, "psi_alert", "a number", d.psi_alert)
+    window = positive_key(r, "window", "an integer", d.window)
+    long_window = positive_key(r, "long_window", "an integer", d.long_window)
+    warn = positive_key(r, "psi_warn", "a number", d.psi_warn)
+    alert = positive_key(r, "psi_alert", "a number", d.psi_alert)
     enabled = r.get("enabled", "a boolean", d.enabled)
-    margin = _positive(r, "accuracy_margin", "a number", d.accuracy_margin, allow_zero=True)
-    min_feedback = _positive(r, "min_feedback", "an integer", d.min_feedback)
-    predictions = _positive(r, "predictions", "an integer", d.predictions)
+    margin = positive_key(r, "accuracy_margin", "a number", d.accuracy_margin, allow_zero=True)
+    min_feedback = positive_key(r, "min_feedback", "an integer", d.min_feedback)
+    predictions = positive_key(r, "predictions", "an integer", d.predictions)
     r.done()
     if window and long_window and long_window < window:
         r.error(f"must be >= window ({window}), not {long_window}", "long_window")
