@@ -270,7 +270,7 @@ class DataPlane:
             for m in route.mirrors:
                 mp.lanes[m].offer(req.x, outputs)
         if mp.config.drift.enabled:
-            s.watch.remember(name, req.id, answered, outputs)
+            s.watch.remember(name, req.id, answered, outputs, req.seq)
         headers = {"x-model-version": answered}
         if hlen is None:
             return web.Response(body=payload, content_type=JSON, headers=headers)

@@ -57,11 +57,20 @@ class InferRequest:
     x: np.ndarray[Any, Any]
     outputs: tuple[str, ...] | None
     binary_outputs: frozenset[str]
+    seq: int = -1  # the counter behind an id this process made up; -1: the client's own id
 
 
 def new_request_id() -> str:
     """A fresh id, unique across processes and restarts (random prefix + counter)."""
     return f"{_ID_PREFIX}-{next(_ids)}"
+
+
+def generated_seq(request_id: str) -> int | None:
+    """The counter of an id that new_request_id (of this process) made, else None."""
+    prefix, sep, rest = request_id.partition("-")
+    if sep and prefix == _ID_PREFIX and rest.isdigit():
+        return int(rest)
+    return None
 
 
 def parse_json_object(body: bytes, what: str = "request body") -> dict[str, Any]:
@@ -91,8 +100,10 @@ def parse_infer_request(
         body = body[:header_length]
     doc = parse_json_object(body)
     rid = doc.get("id")
+    seq = -1
     if rid is None:
-        rid = new_request_id()
+        seq = next(_ids)
+        rid = f"{_ID_PREFIX}-{seq}"
     elif not isinstance(rid, str):
         raise InvalidInputError(f"id must be a string, not {type(rid).__name__}")
     inputs = doc.get("inputs")
@@ -104,7 +115,7 @@ def parse_infer_request(
         )
     x = _decode_input(inputs[0], spec, binary)
     requested, binary_outputs = _requested_outputs(doc)
-    return InferRequest(rid, x, requested, binary_outputs)
+    return InferRequest(rid, x, requested, binary_outputs, seq)
 
 
 def _requested_outputs(doc: dict[str, Any]) -> tuple[tuple[str, ...] | None, frozenset[str]]:

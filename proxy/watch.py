@@ -17,6 +17,7 @@ from .monitor.feedback import AccuracyTracker, PredictionStore
 from .monitor.stats import LatencyHistogram
 from .monitor.tracker import Baseline, DriftEvent, VersionMonitor
 from .plan import Plan
+from .protocol import generated_seq
 from .state import Alerts
 
 Array = np.ndarray[Any, Any]
@@ -142,12 +143,13 @@ class Watch:
     # ---------------------------------------------------------------- concept drift
 
     def remember(
-        self, model: str, request_id: str, version: str, outputs: dict[str, Array]
+        self, model: str, request_id: str, version: str, outputs: dict[str, Array], seq: int = -1
     ) -> None:
+        """Keep a prediction for feedback to join; `seq` >= 0: the id was made up from it."""
         store = self.predictions.get(model)
         label = outputs.get("label")
         if store is not None and label is not None:
-            store.put(request_id, version, label)
+            store.put(request_id, version, label, seq)
 
     def join(self, model: str, request_id: str, truth: Array) -> tuple[str, int] | str:
         """Join ground truth to a stored prediction; (version, rows) or the reason it failed."""
@@ -163,9 +165,8 @@ class Watch:
             )
         if truth.shape != pred.labels.shape:
             assert store is not None
-            store.put(
-                request_id, pred.version, pred.labels
-            )  # put back: the client can fix its call
+            seq = generated_seq(request_id)  # put it back: the client can fix its call
+            store.put(request_id, pred.version, pred.labels, -1 if seq is None else seq)
             return (
                 f"label has shape {list(truth.shape)} but request {request_id!r} predicted"
                 f" {list(pred.labels.shape)} rows; send one label per input row"

@@ -368,3 +368,29 @@ def test_prediction_store_keeps_the_last_predictions() -> None:
     got = store.pop("r4")
     assert got is not None and got.version == "v2" and got.labels.tolist() == [9]
     assert store.pop("r4") is None
+    batch = np.array([[1], [0], [1]])  # several rows: kept as a flat copy, not a view
+    store.put("r5", "v1", batch)
+    batch[:] = 7
+    got = store.pop("r5")
+    assert got is not None and got.labels.tolist() == [1, 0, 1] and got.labels.shape == (3,)
+
+
+def test_prediction_store_keeps_made_up_ids_by_counter() -> None:
+    """Answers to requests without an id are kept by the id's counter, with no dict entry."""
+    from proxy.monitor.feedback import PredictionStore
+    from proxy.protocol import generated_seq, new_request_id
+
+    store = PredictionStore(3)
+    ids = [new_request_id() for _ in range(5)]
+    seqs = [generated_seq(i) for i in ids]
+    assert all(s is not None for s in seqs) and generated_seq("client-7") is None
+    for i, (rid, seq) in enumerate(zip(ids, seqs, strict=True)):
+        assert seq is not None
+        store.put(rid, "v1", np.array([i % 2]), seq)
+    assert store.evicted == 2 and len(store) == 3
+    assert store.pop(ids[0]) is None and store.pop(ids[1]) is None  # overwritten by 3 and 4
+    got = store.pop(ids[4])
+    assert got is not None and got.version == "v1" and got.labels.tolist() == [0]
+    assert store.pop(ids[4]) is None and len(store) == 2  # joined once
+    store.put("client-id", "v2", np.array([1]))  # a client's id goes through the dict
+    assert len(store) == 3 and store.pop("client-id") is not None

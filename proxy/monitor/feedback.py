@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from ..protocol import generated_seq
 from .tracker import Window
 
 Array = np.ndarray[Any, Any]
@@ -22,9 +23,17 @@ class Prediction:
 class PredictionStore:
     """The last `capacity` predictions by request id; the oldest are dropped (and counted).
 
-    A ring of preallocated slots and one dict from id to slot: a put allocates no object of its
-    own (it sits on every request's path), and nothing here is left for the garbage collector
-    to walk but three flat lists.
+    It sits on every request's path, so a put allocates nothing of its own. Two rings of
+    preallocated slots:
+
+    * answers to requests that came without an id, whose id this process made up from a
+      counter (`seq`): slot `seq % capacity`, no dict and no id string kept;
+    * answers to requests with the client's own id: the next slot, found again through a dict
+      from id to slot.
+
+    A one-row prediction is kept as a plain int, not as the numpy view its response was built
+    from. (Keeping 100,000 views and id strings, each dropped long after its request, cost the
+    serving loop 1.6 us per request in cache misses, against 0.5 us in a tight loop.)
     """
 
     def __init__(self, capacity: int) -> None:
@@ -32,11 +41,27 @@ class PredictionStore:
         self._slot: dict[str, int] = {}
         self._ids: list[str | None] = [None] * capacity
         self._versions: list[str] = [""] * capacity
-        self._labels: list[Array | None] = [None] * capacity
+        self._labels: list[int | Array | None] = [None] * capacity
         self._next = 0
+        self._seqs = np.full(capacity, -1, dtype=np.int64)
+        self._seq_versions: list[str] = [""] * capacity
+        self._seq_labels: list[int | Array | None] = [None] * capacity
+        self._seq_live = 0
         self.evicted = 0
 
-    def put(self, request_id: str, version: str, labels: Array) -> None:
+    def put(self, request_id: str, version: str, labels: Array, seq: int = -1) -> None:
+        """Keep a prediction; `seq` >= 0 says `request_id` was made up from that counter."""
+        kept = labels.item() if labels.size == 1 else labels.reshape(-1).copy()
+        if seq >= 0:
+            k = seq % self.capacity
+            if self._seq_labels[k] is None:
+                self._seq_live += 1
+            else:
+                self.evicted += 1
+            self._seqs[k] = seq
+            self._seq_versions[k] = version
+            self._seq_labels[k] = kept
+            return
         k = self._next
         old = self._ids[k]
         if old is not None and self._slot.get(old) == k:
@@ -47,22 +72,31 @@ class PredictionStore:
             self._ids[previous] = None
         self._ids[k] = request_id
         self._versions[k] = version
-        self._labels[k] = labels
+        self._labels[k] = kept
         self._slot[request_id] = k
         self._next = k + 1 if k + 1 < self.capacity else 0
 
     def pop(self, request_id: str) -> Prediction | None:
         k = self._slot.pop(request_id, None)
-        if k is None:
-            return None
-        labels = self._labels[k]
-        self._ids[k] = None
-        self._labels[k] = None
+        if k is not None:
+            labels, version = self._labels[k], self._versions[k]
+            self._ids[k] = None
+            self._labels[k] = None
+        else:
+            seq = generated_seq(request_id)
+            if seq is None:
+                return None
+            k = seq % self.capacity
+            labels, version = self._seq_labels[k], self._seq_versions[k]
+            if labels is None or self._seqs[k] != seq:
+                return None
+            self._seq_labels[k] = None
+            self._seq_live -= 1
         assert labels is not None
-        return Prediction(self._versions[k], labels)
+        return Prediction(version, np.atleast_1d(np.asarray(labels)))
 
     def __len__(self) -> int:
-        return len(self._slot)
+        return len(self._slot) + self._seq_live
 
 
 @dataclass
