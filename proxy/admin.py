@@ -172,6 +172,7 @@ def status(serving: Serving) -> dict[str, Any]:
                     "mean_rows": round(bs.rows / bs.batches, 2) if bs.batches else None,
                     "max_rows": bs.max_batch_rows,
                     "inline_batches": bs.inline_batches,
+                    "inline_limit_us": round(backend.batcher.inline_max_s * 1e6, 1),
                     "run_cost_us": {
                         f"{1 << k}-{(2 << k) - 1}": round(c * 1e6, 1)
                         for k, c in enumerate(bs.run_cost_s)

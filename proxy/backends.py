@@ -9,12 +9,12 @@ import aiohttp
 import numpy as np
 import orjson
 
-from .batching import Batcher
+from .batching import Batcher, inline_limit_s
 from .config import BatchingConfig, LimitsConfig, VersionConfig
 from .errors import ModelLoadError, UpstreamError, UpstreamTimeoutError
 from .protocol import TensorSpec, decode_infer_response, encode_infer_request, parse_tensor_specs
 from .repository import OnnxModel
-from .runner import Runners
+from .runner import Runners, usable_cpus
 
 Array = np.ndarray[Any, Any]
 
@@ -188,7 +188,7 @@ async def create_backend(
         runner=runners.serving,
         max_batch_size=batching.max_batch_size,
         max_delay_s=batching.max_delay_ms / 1000.0,
-        inline_max_s=batching.inline_max_us / 1e6,
+        inline_max_s=inline_limit_s(batching.inline_max_us, usable_cpus()),
         queue_timeout_s=limits.queue_timeout_ms / 1000.0,
         name=f"{model_name}/{config.name}",
     )

@@ -15,7 +15,7 @@ import numpy as np
 from .config import BatchingConfig, LimitsConfig
 from .errors import OverloadedError, UpstreamError
 from .monitor.stats import LatencyHistogram
-from .runner import Runner
+from .runner import Runner, usable_cpus
 
 log = logging.getLogger("mlproxy.batching")
 Array = np.ndarray[Any, Any]
@@ -23,6 +23,25 @@ RunFn = Callable[[Array], dict[str, Array]]
 Observer = Callable[[Array, dict[str, Array]], None]
 COST_SMOOTHING = 0.1  # weight of the newest run in the moving average of a run's cost
 SIZE_CLASSES = 8  # batch sizes 1, 2-3, 4-7, ..., 64-127, 128+: a run's cost is mostly fixed
+
+
+SOLO_CPU_INLINE_MAX_S = 0.001  # with one CPU, runs up to this long stay on the loop
+
+
+def inline_limit_s(inline_max_us: float, cpus: float) -> float:
+    """The measured run cost (s) under which a batch runs on the event loop, not a thread.
+
+    `inline_max_us` when a thread can run beside the loop: there a run that costs more than the
+    hand-off (30-90 us) is worth moving. With fewer than two CPUs to run on (CPU affinity, or a
+    container's CPU quota), the thread could only take turns with the loop on the same CPU: the
+    hand-off buys no parallelism and is pure cost, so runs up to SOLO_CPU_INLINE_MAX_S stay
+    inline too (longer ones still go to the thread, so that the loop keeps answering in
+    between). `inline_max_us = 0` means every run goes to a thread, whatever the CPUs.
+    """
+    if inline_max_us <= 0:
+        return 0.0
+    limit = inline_max_us / 1e6
+    return max(limit, SOLO_CPU_INLINE_MAX_S) if cpus < 2 else limit
 
 
 def size_class(rows: int) -> int:
@@ -111,7 +130,7 @@ class Batcher:
         """Take new settings (a reload that keeps this version warm)."""
         self.max_batch_size = batching.max_batch_size
         self.max_delay_s = batching.max_delay_ms / 1000.0
-        self.inline_max_s = batching.inline_max_us / 1e6
+        self.inline_max_s = inline_limit_s(batching.inline_max_us, usable_cpus())
         self.queue_timeout_s = limits.queue_timeout_ms / 1000.0
 
     @property

@@ -10,6 +10,7 @@ import queue
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -17,6 +18,22 @@ Done = Callable[[Any, BaseException | None], None]
 log = logging.getLogger("mlproxy.runner")
 _STOP = object()
 BACKGROUND_NICE = 19  # CFS weight 15 against 1024: background gets ~1.5% of a contended core
+
+
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+
+
+def usable_cpus(cpu_max: Path = CGROUP_CPU_MAX) -> float:
+    """How many CPUs this process can use at once: its CPU affinity, capped by a cgroup v2 CPU
+    quota (`cpu.max`, as a container's CPU limit sets it) when there is one."""
+    cpus = float(len(os.sched_getaffinity(0)))
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        if quota != "max" and float(period) > 0:
+            cpus = min(cpus, float(quota) / float(period))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 quota readable: the affinity decides
+    return cpus
 
 
 class Runner:

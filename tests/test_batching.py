@@ -162,3 +162,29 @@ async def test_cheap_runs_go_inline_and_slow_ones_to_a_thread(runner: Any) -> No
     b.inline_max_s = 0.0  # nothing is cheap enough: every run on a thread
     await asyncio.wait_for(b.submit(np.ones((1, 2), dtype=np.float32)), timeout=5)
     assert threads[3] != main
+
+
+def test_inline_limit_grows_only_when_a_thread_would_share_the_loops_one_cpu() -> None:
+    from proxy.batching import SOLO_CPU_INLINE_MAX_S, inline_limit_s
+
+    assert inline_limit_s(50.0, cpus=2.0) == pytest.approx(50e-6)
+    assert inline_limit_s(50.0, cpus=1.0) == SOLO_CPU_INLINE_MAX_S
+    assert inline_limit_s(50.0, cpus=1.5) == SOLO_CPU_INLINE_MAX_S  # a 1.5-CPU quota
+    assert inline_limit_s(5000.0, cpus=1.0) == pytest.approx(5e-3)  # a larger setting stands
+    assert inline_limit_s(0.0, cpus=1.0) == 0.0  # 0 keeps every run on a thread
+
+
+def test_usable_cpus_reads_affinity_and_the_cgroup_quota(tmp_path: Any) -> None:
+    import os
+
+    from proxy.runner import usable_cpus
+
+    affinity = len(os.sched_getaffinity(0))
+    cpu_max = tmp_path / "cpu.max"
+    cpu_max.write_text("max 100000\n")
+    assert usable_cpus(cpu_max) == affinity
+    cpu_max.write_text("50000 100000\n")  # half a CPU
+    assert usable_cpus(cpu_max) == min(affinity, 0.5)
+    cpu_max.write_text("garbage\n")
+    assert usable_cpus(cpu_max) == affinity
+    assert usable_cpus(tmp_path / "missing") == affinity
