@@ -427,6 +427,9 @@ class Figure:
         values = [r[key] for r in self.runs if r.get(key) is not None]
         return statistics.median(values) if values else None
 
+    def by_round(self, key: str) -> dict[int, float]:
+        return {r["round"]: r[key] for r in self.runs if r.get(key) is not None and "round" in r}
+
     def total(self, key: str) -> int:
         return sum(int(r.get(key) or 0) for r in self.runs)
 
@@ -502,12 +505,19 @@ def _fmt(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{value:,.{digits}f}"
 
 
+def paired_ratio(a: Figure | None, b: Figure | None, key: str) -> tuple[float | None, list[float]]:
+    """Median of a/b over the rounds both were measured in (side by side), and each round's a/b."""
+    if a is None or b is None:
+        return None, []
+    x, y = a.by_round(key), b.by_round(key)
+    ratios = [x[i] / y[i] for i in sorted(x) if y.get(i)]
+    return (statistics.median(ratios) if ratios else None), ratios
+
+
 def render_table(figures: list[Figure], open_rate: float | None, open_label: str) -> str:
     by = {(f.name, f.load): f for f in figures}
     inline = by.get(("inline-onnx", "c64"))
     single = by.get(("single", "c64"))
-    inline_rps = inline.median("rps") if inline else None
-    single_rps = single.median("rps") if single else None
     rows = [
         "| configuration | load | req/s | p50 ms | p99 ms | non-2xx | errors | req/s vs inline"
         " | req/s vs single |",
@@ -520,11 +530,11 @@ def render_table(figures: list[Figure], open_rate: float | None, open_label: str
         else:
             load = f"{f.load[1:]} conn" + ("s" if f.load != "c1" else "")
         vs_inline = vs_single = "-"
-        if f.load == "c64" and j["rps"]:
-            if inline_rps:
-                vs_inline = f"{j['rps'] / inline_rps:.2f}x"
-            if single_rps:
-                vs_single = f"{j['rps'] / single_rps:.2f}x"
+        if f.load == "c64":
+            r_inline, _ = paired_ratio(f, inline, "rps")
+            r_single, _ = paired_ratio(f, single, "rps")
+            vs_inline = "-" if r_inline is None else f"{r_inline:.2f}x"
+            vs_single = "-" if r_single is None else f"{r_single:.2f}x"
         rows.append(
             f"| {f.name} | {load} | {_fmt(j['rps'], 0)} | {_fmt(j['p50_ms'], 3)}"
             f" | {_fmt(j['p99_ms'], 3)} | {j['non_2xx']} | {j['errors']} | {vs_inline}"
@@ -554,16 +564,19 @@ def floor_checks(figures: list[Figure], open_rate: float | None, open_label: str
     checks = []
 
     def ratio_check(title: str, a: str, b: str, floor: float) -> None:
+        fa, fb = by.get((a, "c64")), by.get((b, "c64"))
+        r, each = paired_ratio(fa, fb, "rps")
         x, y = med(a, "c64", "rps"), med(b, "c64", "rps")
-        if x is None or y is None or y == 0:
+        if r is None or x is None or y is None:
             checks.append(Check(title, None, "not measured"))
             return
-        r = x / y
+        rounds = ", ".join(f"{v:.2f}" for v in each)
         checks.append(
             Check(
                 title,
                 r >= floor,
-                f"{a} {x:,.0f} req/s / {b} {y:,.0f} req/s = {r:.2f}x (floor {floor:.2f}x)",
+                f"{a}/{b} side by side: median {r:.2f}x of rounds [{rounds}] (floor {floor:.2f}x);"
+                f" medians {x:,.0f} / {y:,.0f} req/s = {x / y:.2f}x",
             )
         )
 
@@ -593,15 +606,18 @@ def floor_checks(figures: list[Figure], open_rate: float | None, open_label: str
     )
     title = f"fixed rate, shadow p50 <= {SHADOW_OVER_SINGLE_P50}x single p50"
     s50, h50 = med("single", "open", "p50_ms"), med("shadow", "open", "p50_ms")
-    if s50 is None or h50 is None or open_rate is None:
+    r50, each50 = paired_ratio(by.get(("shadow", "open")), by.get(("single", "open")), "p50_ms")
+    if s50 is None or h50 is None or r50 is None or open_rate is None:
         checks.append(Check(title, None, "not measured"))
     else:
+        rounds = ", ".join(f"{v:.2f}" for v in each50)
         checks.append(
             Check(
                 title,
-                h50 <= SHADOW_OVER_SINGLE_P50 * s50,
-                f"at {open_rate:,.0f} req/s{open_label}: shadow {h50:.3f} ms vs single"
-                f" {s50:.3f} ms = {h50 / s50:.2f}x (ceiling {SHADOW_OVER_SINGLE_P50:.2f}x)",
+                r50 <= SHADOW_OVER_SINGLE_P50,
+                f"at {open_rate:,.0f} req/s{open_label}, shadow/single side by side: median"
+                f" {r50:.2f}x of rounds [{rounds}] (ceiling {SHADOW_OVER_SINGLE_P50:.2f}x);"
+                f" medians {h50:.3f} / {s50:.3f} ms",
             )
         )
     title = f"1 connection, single p50 <= inline-onnx p50 + {IDLE_OVERHEAD_MS} ms"
@@ -732,7 +748,18 @@ def preflight(args: argparse.Namespace) -> None:
         sys.exit("bench/throughput.py cannot run:\n  " + "\n  ".join(problems))
 
 
+def rotated(names: list[str], i: int) -> list[str]:
+    """Round i's order: each configuration takes each place in turn, so none always runs first."""
+    k = i % len(names)
+    return names[k:] + names[:k]
+
+
 def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """Every server is started once, up front, and they take turns: run i of every figure is
+    measured in round i, one configuration after another. This machine's speed drifts by 10-30%
+    over seconds to minutes (a shared VM), so figures measured minutes apart compare the hour,
+    not the code; runs measured side by side in one round are compared pairwise instead.
+    An idle server costs nothing measurable (mlproxy wakes 4 times a second for housekeeping)."""
     bodies = request_bodies(N_ROWS)
     figures: dict[tuple[str, str], Figure] = {}
     diagnostics: dict[str, Any] = {}
@@ -743,78 +770,89 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     def fig(name: str, load: str) -> Figure:
         return figures.setdefault((name, load), Figure(name, load))
 
-    with tempfile.TemporaryDirectory(prefix="mlproxy-bench-") as tmp_name:
+    with (
+        tempfile.TemporaryDirectory(prefix="mlproxy-bench-") as tmp_name,
+        contextlib.ExitStack() as stack,
+    ):
         tmp = Path(tmp_name)
         lua = tmp / "infer.lua"
         write_lua(lua, bodies)
         bodies_file = tmp / "bodies.txt"
         bodies_file.write_bytes(b"\n".join(bodies) + b"\n")
+        servers: dict[str, Server] = {}
         for spec in server_specs():
             log(f"== {spec.name}: starting")
-            with running(spec, tmp, args.server_cpu, bodies[0]) as srv:
-                url = srv.base + INFER_PATH
-                w = run_wrk(url, lua, CONNS, args.warmup, args.load_cpu)
-                log(f"   warm-up ({args.warmup} s, discarded): {w['rps']:,.0f} req/s")
-                if w["non_2xx"] or w["socket_errors"]:
-                    warn(
-                        f"{spec.name} warm-up: {w['non_2xx']} non-2xx, {w['socket_errors']}"
-                        " socket errors"
-                    )
-                before = srv.admin_status()
-                for i in range(args.runs):
-                    r = run_wrk(url, lua, CONNS, args.duration, args.load_cpu)
-                    fig(spec.name, "c64").runs.append(r)
-                    log(
-                        f"   {CONNS} conns, run {i + 1}/{args.runs}: {r['rps']:,.0f} req/s,"
-                        f" p50 {r['p50_ms']:.3f} ms, p99 {r['p99_ms']:.3f} ms,"
-                        f" non-2xx {r['non_2xx']}, socket errors {r['socket_errors']}"
-                    )
-                after_c64 = srv.admin_status()
-                if spec.name in ("inline-onnx", "single"):
-                    for i in range(args.runs):
-                        r = run_wrk(url, lua, 1, args.duration, args.load_cpu)
-                        fig(spec.name, "c1").runs.append(r)
-                        log(
-                            f"   1 conn, run {i + 1}/{args.runs}: {r['rps']:,.0f} req/s,"
-                            f" p50 {r['p50_ms']:.3f} ms, p99 {r['p99_ms']:.3f} ms"
-                        )
-                before_open = srv.admin_status()
-                if spec.name == "single":
-                    single_rps = fig("single", "c64").median("rps") or 0.0
-                    open_target = single_rps / 2
-                    open_rate, runs = open_loop_calibrated(srv, bodies_file, open_target, args)
-                    fig("single", "open").runs.extend(runs)
-                    if open_rate < open_target:
-                        open_note = (
-                            f" (the generator could not sustain the target"
-                            f" {open_target:,.0f} req/s = half of single's capacity)"
-                        )
-                        warn(f"open loop: {open_note.strip(' ()')}; used {open_rate:,.0f} req/s")
-                if spec.name == "shadow" and open_rate is not None:
-                    for i in range(args.runs):
-                        r = run_open_loop(
-                            srv.port,
-                            bodies_file,
-                            open_rate,
-                            args.duration,
-                            args.open_warmup,
-                            args.load_cpu,
-                        )
-                        fig("shadow", "open").runs.append(r)
-                        log_open(i, args.runs, r)
-                end = srv.admin_status()
-                if spec.kind == "mlproxy":
-                    diagnostics[spec.name] = {
-                        "c64": batching_summary(before, after_c64),
-                        "open": (
-                            batching_summary(before_open, end)
-                            if (spec.name, "open") in figures
-                            else {}
-                        ),
-                        "all": batching_summary(None, end),
-                        "status_end": end,
-                    }
-            log(f"   {spec.name}: stopped")
+            servers[spec.name] = stack.enter_context(running(spec, tmp, args.server_cpu, bodies[0]))
+        for name, srv in servers.items():
+            w = run_wrk(srv.base + INFER_PATH, lua, CONNS, args.warmup, args.load_cpu)
+            log(f"   {name} warm-up ({args.warmup} s, discarded): {w['rps']:,.0f} req/s")
+            if w["non_2xx"] or w["socket_errors"]:
+                warn(f"{name} warm-up: {w['non_2xx']} non-2xx, {w['socket_errors']} socket errors")
+
+        names = list(servers)
+        before = {n: servers[n].admin_status() for n in names}
+        for i in range(args.runs):
+            log(f"== {CONNS} connections, round {i + 1}/{args.runs}")
+            for name in rotated(names, i):
+                r = run_wrk(
+                    servers[name].base + INFER_PATH, lua, CONNS, args.duration, args.load_cpu
+                )
+                r["round"] = i
+                fig(name, "c64").runs.append(r)
+                log(
+                    f"   {name}: {r['rps']:,.0f} req/s, p50 {r['p50_ms']:.3f} ms,"
+                    f" p99 {r['p99_ms']:.3f} ms, non-2xx {r['non_2xx']},"
+                    f" socket errors {r['socket_errors']}"
+                )
+        after_c64 = {n: servers[n].admin_status() for n in names}
+
+        idle = ["inline-onnx", "single"]
+        for i in range(args.runs):
+            log(f"== 1 connection, round {i + 1}/{args.runs}")
+            for name in rotated(idle, i):
+                r = run_wrk(servers[name].base + INFER_PATH, lua, 1, args.duration, args.load_cpu)
+                r["round"] = i
+                fig(name, "c1").runs.append(r)
+                log(
+                    f"   {name}: {r['rps']:,.0f} req/s, p50 {r['p50_ms']:.3f} ms, p99 {r['p99_ms']:.3f} ms"
+                )
+
+        before_open = {n: servers[n].admin_status() for n in names}
+        single_rps = fig("single", "c64").median("rps") or 0.0
+        open_target = single_rps / 2
+        log(f"== open loop at half of single's {single_rps:,.0f} req/s")
+        open_rate = open_loop_rate(servers["single"], bodies_file, open_target, args)
+        if open_rate < open_target:
+            open_note = (
+                f" (the generator could not sustain the target"
+                f" {open_target:,.0f} req/s = half of single's capacity)"
+            )
+            warn(f"open loop: {open_note.strip(' ()')}; used {open_rate:,.0f} req/s")
+        fixed = ["single", "shadow"]
+        for i in range(args.runs):
+            log(f"== open loop @ {open_rate:,.0f} req/s, round {i + 1}/{args.runs}")
+            for name in rotated(fixed, i):
+                r = run_open_loop(
+                    servers[name].port,
+                    bodies_file,
+                    open_rate,
+                    args.duration,
+                    args.open_warmup,
+                    args.load_cpu,
+                )
+                r["round"] = i
+                fig(name, "open").runs.append(r)
+                log_open(name, r)
+        end = {n: servers[n].admin_status() for n in names}
+        for name, srv in servers.items():
+            if srv.spec.kind == "mlproxy":
+                diagnostics[name] = {
+                    "c64": batching_summary(before[name], after_c64[name]),
+                    "open": batching_summary(before_open[name], end[name]) if name in fixed else {},
+                    "all": batching_summary(None, end[name]),
+                    "status_end": end[name],
+                }
+        log("== stopping the servers")
     order = [
         ("http-limit", "c64"),
         ("inline-onnx", "c64"),
@@ -837,46 +875,32 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def log_open(i: int, runs: int, r: dict[str, Any]) -> None:
+def log_open(name: str, r: dict[str, Any]) -> None:
     log(
-        f"   open loop @ {r['target_rps']:,.0f} req/s, run {i + 1}/{runs}:"
-        f" {r['achieved_rps']:,.0f} req/s answered, p50 {_fmt(r['p50_ms'], 3)} ms,"
-        f" p99 {_fmt(r['p99_ms'], 3)} ms, non-2xx {r['non_2xx']}, errors {r['errors']},"
-        f" generator lag p50/p99 {r['dispatch_lag_p50_ms']}/{r['dispatch_lag_p99_ms']} ms,"
-        f" sustained {r['sustained']}"
+        f"   {name} @ {r['target_rps']:,.0f} req/s: {r['achieved_rps']:,.0f} req/s answered,"
+        f" p50 {_fmt(r['p50_ms'], 3)} ms, p99 {_fmt(r['p99_ms'], 3)} ms, non-2xx {r['non_2xx']},"
+        f" errors {r['errors']}, generator lag p50/p99 {r['dispatch_lag_p50_ms']}/"
+        f"{r['dispatch_lag_p99_ms']} ms, sustained {r['sustained']}"
     )
 
 
-def open_loop_calibrated(
+def open_loop_rate(
     srv: Server, bodies_file: Path, target: float, args: argparse.Namespace
-) -> tuple[float, list[dict[str, Any]]]:
-    """Runs at `target` req/s, or the highest of OPEN_LOOP_FACTORS * target the generator keeps.
-
-    The first run decides: if the generator fell behind its own schedule, it is repeated at the
-    next lower rate; the remaining runs use the rate that held.
-    """
+) -> float:
+    """`target` req/s, or the highest of OPEN_LOOP_FACTORS * target the generator keeps up with
+    (a calibration run against `srv`, not counted)."""
     rate = target
-    runs: list[dict[str, Any]] = []
     for factor in OPEN_LOOP_FACTORS:
         rate = target * factor
         r = run_open_loop(
             srv.port, bodies_file, rate, args.duration, args.open_warmup, args.load_cpu
         )
-        log_open(0, args.runs, r)
+        log_open(f"{srv.spec.name} (calibration)", r)
         if r["sustained"]:
-            runs.append(r)
-            break
+            return rate
         log(f"   the generator fell behind at {rate:,.0f} req/s; trying a lower rate")
-    else:
-        warn(f"the open-loop generator fell behind even at {rate:,.0f} req/s; using it anyway")
-        runs.append(r)
-    for i in range(1, args.runs):
-        r = run_open_loop(
-            srv.port, bodies_file, rate, args.duration, args.open_warmup, args.load_cpu
-        )
-        runs.append(r)
-        log_open(i, args.runs, r)
-    return rate, runs
+    warn(f"the open-loop generator fell behind even at {rate:,.0f} req/s; using it anyway")
+    return rate
 
 
 def main(argv: list[str] | None = None) -> int:
