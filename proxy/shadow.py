@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import deque
 from collections.abc import Callable
 from time import perf_counter
 from typing import Any
@@ -59,15 +58,21 @@ class MirrorLane:
         self._clock = clock
         self.linger_s = linger_s
         self._full = asyncio.Event()
-        self._queue: deque[tuple[Array, dict[str, Array]]] = deque()
-        self._queued_rows = 0
+        # The queue: rows [head, tail) of preallocated arrays, one for the inputs and one per
+        # primary output, allocated at the first offer. An offer copies its rows in; a batch is
+        # copied out in one slice. (A deque of per-request arrays cost the loop a
+        # concatenation of ~100 small arrays per output at every batch: 6% of its time at
+        # 6,000 req/s.)
+        self._x: Array | None = None
+        self._out: dict[str, Array] = {}
+        self._head = 0
+        self._tail = 0
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
         self._consecutive_failures = 0
         self._open_until = -1.0
         self._task: asyncio.Task[None] | None = None
-        # sees the mirror's rows and answers (its own drift monitoring)
 
     @property
     def breaker_open(self) -> bool:
@@ -75,7 +80,7 @@ class MirrorLane:
 
     @property
     def queued_rows(self) -> int:
-        return self._queued_rows
+        return self._tail - self._head
 
     def start(self) -> None:
         if self._task is None:
@@ -88,16 +93,48 @@ class MirrorLane:
         if self._open_until >= 0 and self.breaker_open:
             self.stats.dropped += n
             return
-        if self._queued_rows + n > self.queue_rows:
+        queued = self._tail - self._head
+        if queued + n > self.queue_rows:
             self.stats.dropped += n
             return
-        self._queue.append((x, primary))
-        self._queued_rows += n
+        if self._x is None or not self._fits(x, primary):
+            if queued:  # the primary's output schema changed under queued rows: keep it simple
+                self.stats.dropped += n
+                return
+            self._allocate(x, primary)
+        assert self._x is not None
+        if self._tail + n > self.queue_rows:  # slide what is queued back to the start
+            self._x[:queued] = self._x[self._head : self._tail]
+            for buf in self._out.values():
+                buf[:queued] = buf[self._head : self._tail]
+            self._head, self._tail = 0, queued
+        end = self._tail + n
+        self._x[self._tail : end] = x
+        for name, buf in self._out.items():
+            buf[self._tail : end] = primary[name]
+        self._tail = end
         self.stats.sent += n
-        if self._queued_rows >= min(self.max_batch_rows, self.queue_rows):
+        if queued + n >= min(self.max_batch_rows, self.queue_rows):
             self._full.set()  # a full batch, or a full queue: waiting longer only drops rows
         self._idle.clear()
         self._wake.set()
+
+    def _fits(self, x: Array, primary: dict[str, Array]) -> bool:
+        assert self._x is not None
+        if x.shape[1:] != self._x.shape[1:] or x.dtype != self._x.dtype:
+            return False
+        if primary.keys() != self._out.keys():
+            return False
+        return all(
+            v.shape[1:] == self._out[k].shape[1:] and v.dtype == self._out[k].dtype
+            for k, v in primary.items()
+        )
+
+    def _allocate(self, x: Array, primary: dict[str, Array]) -> None:
+        rows = self.queue_rows
+        self._x = np.empty((rows, *x.shape[1:]), dtype=x.dtype)
+        self._out = {k: np.empty((rows, *v.shape[1:]), dtype=v.dtype) for k, v in primary.items()}
+        self._head = self._tail = 0
 
     async def drained(self) -> None:
         """Wait until every offered row has been run (or failed); for tests and shutdown."""
@@ -107,8 +144,8 @@ class MirrorLane:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while self._queue:
-                if self._queued_rows < self.max_batch_rows and self.linger_s > 0:
+            while self._tail > self._head:
+                if self.queued_rows < self.max_batch_rows and self.linger_s > 0:
                     self._full.clear()
                     timer = asyncio.get_running_loop().call_later(self.linger_s, self._full.set)
                     await self._full.wait()
@@ -116,20 +153,25 @@ class MirrorLane:
                 await self._run_batch()
             self._idle.set()
 
-    def _take_batch(self) -> tuple[Array, list[dict[str, Array]]]:
-        xs: list[Array] = []
-        answers: list[dict[str, Array]] = []
-        rows = 0
-        while self._queue and (not xs or rows + self._queue[0][0].shape[0] <= self.max_batch_rows):
-            x, primary = self._queue.popleft()
-            self._queued_rows -= x.shape[0]
-            rows += x.shape[0]
-            xs.append(x)
-            answers.append(primary)
-        return (xs[0] if len(xs) == 1 else np.concatenate(xs)), answers
+    def _take_batch(self) -> tuple[Array, dict[str, Array]]:
+        """Copy out up to max_batch_rows queued rows and the primary's answers to them."""
+        assert self._x is not None
+        start = self._head
+        end = min(self._tail, start + self.max_batch_rows)
+        x = self._x[start:end].copy()
+        primary = {k: buf[start:end].copy() for k, buf in self._out.items()}
+        self._head = end
+        if self._head == self._tail:
+            self._head = self._tail = 0
+        return x, primary
+
+    def _drop_queued(self) -> int:
+        dropped = self._tail - self._head
+        self._head = self._tail = 0
+        return dropped
 
     async def _run_batch(self) -> None:
-        x, answers = self._take_batch()
+        x, primary = self._take_batch()
         n = x.shape[0]
         if self.breaker_open:
             self.stats.dropped += n
@@ -145,10 +187,7 @@ class MirrorLane:
             if self._consecutive_failures >= self.breaker_failures:
                 self._open_until = self._clock() + self.breaker_pause_s
                 self.stats.breaker_opened += 1
-                dropped = self._queued_rows
-                self._queue.clear()
-                self._queued_rows = 0
-                self.stats.dropped += dropped
+                self.stats.dropped += self._drop_queued()
                 log.warning(
                     "mirror %s paused for %.1f s after %d failed batches in a row (last: %r)",
                     self.backend.version,
@@ -159,11 +198,6 @@ class MirrorLane:
             return
         self._consecutive_failures = 0
         self.stats.latency.observe(perf_counter() - start)
-        primary = (
-            answers[0]
-            if len(answers) == 1
-            else {k: np.concatenate([a[k] for a in answers]) for k in answers[0]}
-        )
         compare_outputs(primary, out, self.stats)
 
     async def close(self) -> None:

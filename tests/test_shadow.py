@@ -139,3 +139,39 @@ async def test_sample_fraction_is_mirrored(
     m = mp.stats["v2"].mirror
     sigma = (n * 0.2 * 0.8) ** 0.5  # binomial: 12.6
     assert abs(m.sent + m.dropped - n * 0.2) <= 3 * sigma
+
+
+async def test_mirror_queue_keeps_rows_and_answers_together_across_its_buffer_end(
+    start: Any, write_config: Any, model_repo: Path, cancer_rows: Any
+) -> None:
+    """The queue is one preallocated buffer: rows slide back to its start when its end is
+    reached, and each batch carries exactly the primary's answers to its own rows."""
+    config = write_config(shadow_config(model_repo, extra="queue_rows = 10\n"))
+    _client, serving = await start(config)
+    lane = serving.plan.models["cancer"].lanes["v2"]
+    rows = cancer_rows[:12].astype(np.float32)
+    answers = reference(model_repo, "v1", rows)
+
+    def offer(i: int, n: int) -> None:  # no await in between: the lane's task cannot run
+        lane.offer(rows[i : i + n], {k: v[i : i + n] for k, v in answers.items()})
+
+    offer(0, 4)
+    offer(4, 4)
+    x, primary = lane._take_batch()
+    assert x.tolist() == rows[:8].tolist() and lane.queued_rows == 0
+    offer(8, 3)
+    offer(0, 3)
+    lane.max_batch_rows = 2
+    x, _ = lane._take_batch()  # head moves to 2 of the 6 queued rows
+    assert x.tolist() == rows[8:10].tolist()
+    offer(3, 5)  # 4 + 5 rows fit the queue of 10, not the buffer's end: slide back, then append
+    assert lane.queued_rows == 9
+    offer(0, 2)  # 11 rows would not fit: dropped and counted
+    assert serving.plan.models["cancer"].stats["v2"].mirror.dropped == 2
+    lane.max_batch_rows = 256
+    x, primary = lane._take_batch()
+    want = np.concatenate([rows[10:11], rows[0:3], rows[3:8]])
+    assert x.tolist() == want.tolist()
+    for k, v in answers.items():
+        assert primary[k].tolist() == np.concatenate([v[10:11], v[0:3], v[3:8]]).tolist()
+    assert lane.queued_rows == 0
