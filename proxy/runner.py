@@ -66,8 +66,13 @@ class Runner:
 
     def _work(self, nice: int) -> None:
         if nice:
+            tid = threading.get_native_id()
             try:
-                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+                os.setpriority(os.PRIO_PROCESS, tid, nice)
+                # SCHED_IDLE: the thread runs only when nothing else on its CPU wants to, and a
+                # waking serving thread preempts it at once (nice alone still lets it finish
+                # its time slice first).
+                os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
             except (OSError, AttributeError) as exc:
                 log.warning(
                     "cannot lower the priority of %s: %s", threading.current_thread().name, exc
