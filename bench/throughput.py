@@ -24,14 +24,20 @@ Load:
   Latency counts from each request's scheduled send time, so queueing is not hidden. If the
   generator cannot sustain that rate, the highest rate it sustains is used and labelled so.
 
-Each server is warmed up with a discarded wrk run first; every figure is the median of
-``--runs`` runs of ``--duration`` seconds. The script prints a markdown table and the floor
-checks (PASS/FAIL), mlproxy's batching and mirror counters from /admin/status, and writes
-everything to bench/results/throughput.json.
+The figures are measured in rounds. Each round starts all six servers afresh, warms each up
+with a discarded wrk run, measures run i of every figure, one configuration after another (in
+an order rotated each round), and stops them. Every figure is the median of ``--runs`` runs of
+``--duration`` seconds, and every ratio floor is judged on the median of the per-round ratios
+(configurations measured side by side, seconds apart, on fresh processes): this VM's speed
+drifts by 10-30% over minutes, and one process can stay 10-20% slower than an identical one for
+its whole life, which swamped ratios of figures measured minutes apart on one process each.
+The script prints a markdown table, the floor checks (PASS/FAIL) with every round's ratio,
+mlproxy's batching and mirror counters from /admin/status, and writes everything to
+bench/results/throughput.json.
 
 Run from the repository root (needs wrk, taskset, two cores, and ``mlproxy demo-models``):
 
-    .venv/bin/python bench/throughput.py                       # 3 runs x 10 s: about 5 minutes
+    .venv/bin/python bench/throughput.py                       # 5 rounds x 6 s: about 9 minutes
     .venv/bin/python bench/throughput.py --runs 1 --duration 3 # a quick look
     .venv/bin/python bench/throughput.py --quick               # the same, to throughput-quick.json
 """
@@ -754,15 +760,46 @@ def rotated(names: list[str], i: int) -> list[str]:
     return names[k:] + names[:k]
 
 
+def merge_summaries(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Sum per-round batching summaries (counters add up; means and maxima are recomputed)."""
+    out: dict[str, Any] = {}
+    for part in parts:
+        for v, s in part.items():
+            if v.startswith("_"):
+                out[v] = out.get(v, 0) + s
+                continue
+            acc = out.setdefault(v, {k: 0 for k in s} | {"_rows": 0.0})
+            for k, value in s.items():
+                if k in ("mean_rows_per_batch", "mirror_agreement"):
+                    continue
+                if k == "max_rows":
+                    acc[k] = max(acc[k] or 0, value or 0)
+                else:
+                    acc[k] += value or 0
+            acc["_rows"] += (s["batches"] or 0) * (s["mean_rows_per_batch"] or 0)
+            acc["mirror_agreement"] = s.get("mirror_agreement")
+    for v, acc in out.items():
+        if not v.startswith("_"):
+            rows = acc.pop("_rows")
+            acc["mean_rows_per_batch"] = round(rows / acc["batches"], 2) if acc["batches"] else None
+    return out
+
+
 def measure(args: argparse.Namespace) -> dict[str, Any]:
-    """Every server is started once, up front, and they take turns: run i of every figure is
-    measured in round i, one configuration after another. This machine's speed drifts by 10-30%
-    over seconds to minutes (a shared VM), so figures measured minutes apart compare the hour,
-    not the code; runs measured side by side in one round are compared pairwise instead.
-    An idle server costs nothing measurable (mlproxy wakes 4 times a second for housekeeping)."""
+    """Rounds of side-by-side runs, each round on freshly started servers.
+
+    Round i starts all six servers, warms each up, and measures run i of every figure, one
+    configuration after another (in a rotated order), then stops them. Why: on this shared VM the
+    speed drifts by 10-30% over minutes, so figures measured minutes apart compared the hour, not
+    the code; and one server process can stay 10-20% slower than an identical one for its whole
+    life (seen with two processes of the same config side by side), so a figure measured on a
+    single process compares that process's luck. Side-by-side runs on fresh processes every
+    round, and ratios taken per round, average both out.
+    """
     bodies = request_bodies(N_ROWS)
     figures: dict[tuple[str, str], Figure] = {}
-    diagnostics: dict[str, Any] = {}
+    parts: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    ends: dict[str, Any] = {}
     open_rate: float | None = None
     open_target: float | None = None
     open_note = ""
@@ -770,89 +807,96 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     def fig(name: str, load: str) -> Figure:
         return figures.setdefault((name, load), Figure(name, load))
 
-    with (
-        tempfile.TemporaryDirectory(prefix="mlproxy-bench-") as tmp_name,
-        contextlib.ExitStack() as stack,
-    ):
+    with tempfile.TemporaryDirectory(prefix="mlproxy-bench-") as tmp_name:
         tmp = Path(tmp_name)
         lua = tmp / "infer.lua"
         write_lua(lua, bodies)
         bodies_file = tmp / "bodies.txt"
         bodies_file.write_bytes(b"\n".join(bodies) + b"\n")
-        servers: dict[str, Server] = {}
-        for spec in server_specs():
-            log(f"== {spec.name}: starting")
-            servers[spec.name] = stack.enter_context(running(spec, tmp, args.server_cpu, bodies[0]))
-        for name, srv in servers.items():
-            w = run_wrk(srv.base + INFER_PATH, lua, CONNS, args.warmup, args.load_cpu)
-            log(f"   {name} warm-up ({args.warmup} s, discarded): {w['rps']:,.0f} req/s")
-            if w["non_2xx"] or w["socket_errors"]:
-                warn(f"{name} warm-up: {w['non_2xx']} non-2xx, {w['socket_errors']} socket errors")
-
-        names = list(servers)
-        before = {n: servers[n].admin_status() for n in names}
         for i in range(args.runs):
-            log(f"== {CONNS} connections, round {i + 1}/{args.runs}")
-            for name in rotated(names, i):
-                r = run_wrk(
-                    servers[name].base + INFER_PATH, lua, CONNS, args.duration, args.load_cpu
-                )
-                r["round"] = i
-                fig(name, "c64").runs.append(r)
-                log(
-                    f"   {name}: {r['rps']:,.0f} req/s, p50 {r['p50_ms']:.3f} ms,"
-                    f" p99 {r['p99_ms']:.3f} ms, non-2xx {r['non_2xx']},"
-                    f" socket errors {r['socket_errors']}"
-                )
-        after_c64 = {n: servers[n].admin_status() for n in names}
+            with contextlib.ExitStack() as stack:
+                log(f"== round {i + 1}/{args.runs}: starting the servers")
+                servers: dict[str, Server] = {}
+                for spec in server_specs():
+                    servers[spec.name] = stack.enter_context(
+                        running(spec, tmp, args.server_cpu, bodies[0])
+                    )
+                names = list(servers)
+                for name, srv in servers.items():
+                    w = run_wrk(srv.base + INFER_PATH, lua, CONNS, args.warmup, args.load_cpu)
+                    log(f"   {name} warm-up ({args.warmup} s, discarded): {w['rps']:,.0f} req/s")
+                    if w["non_2xx"] or w["socket_errors"]:
+                        warn(
+                            f"{name} warm-up: {w['non_2xx']} non-2xx,"
+                            f" {w['socket_errors']} socket errors"
+                        )
+                before = {n: servers[n].admin_status() for n in names}
+                log(f"== round {i + 1}/{args.runs}: {CONNS} connections")
+                for name in rotated(names, i):
+                    url = servers[name].base + INFER_PATH
+                    r = run_wrk(url, lua, CONNS, args.duration, args.load_cpu)
+                    r["round"] = i
+                    fig(name, "c64").runs.append(r)
+                    log(
+                        f"   {name}: {r['rps']:,.0f} req/s, p50 {r['p50_ms']:.3f} ms,"
+                        f" p99 {r['p99_ms']:.3f} ms, non-2xx {r['non_2xx']},"
+                        f" socket errors {r['socket_errors']}"
+                    )
+                after = {n: servers[n].admin_status() for n in names}
 
-        idle = ["inline-onnx", "single"]
-        for i in range(args.runs):
-            log(f"== 1 connection, round {i + 1}/{args.runs}")
-            for name in rotated(idle, i):
-                r = run_wrk(servers[name].base + INFER_PATH, lua, 1, args.duration, args.load_cpu)
-                r["round"] = i
-                fig(name, "c1").runs.append(r)
-                log(
-                    f"   {name}: {r['rps']:,.0f} req/s, p50 {r['p50_ms']:.3f} ms, p99 {r['p99_ms']:.3f} ms"
-                )
+                log(f"== round {i + 1}/{args.runs}: 1 connection")
+                for name in rotated(["inline-onnx", "single"], i):
+                    url = servers[name].base + INFER_PATH
+                    r = run_wrk(url, lua, 1, args.duration, args.load_cpu)
+                    r["round"] = i
+                    fig(name, "c1").runs.append(r)
+                    log(
+                        f"   {name}: {r['rps']:,.0f} req/s, p50 {r['p50_ms']:.3f} ms,"
+                        f" p99 {r['p99_ms']:.3f} ms"
+                    )
 
-        before_open = {n: servers[n].admin_status() for n in names}
-        single_rps = fig("single", "c64").median("rps") or 0.0
-        open_target = single_rps / 2
-        log(f"== open loop at half of single's {single_rps:,.0f} req/s")
-        open_rate = open_loop_rate(servers["single"], bodies_file, open_target, args)
-        if open_rate < open_target:
-            open_note = (
-                f" (the generator could not sustain the target"
-                f" {open_target:,.0f} req/s = half of single's capacity)"
-            )
-            warn(f"open loop: {open_note.strip(' ()')}; used {open_rate:,.0f} req/s")
-        fixed = ["single", "shadow"]
-        for i in range(args.runs):
-            log(f"== open loop @ {open_rate:,.0f} req/s, round {i + 1}/{args.runs}")
-            for name in rotated(fixed, i):
-                r = run_open_loop(
-                    servers[name].port,
-                    bodies_file,
-                    open_rate,
-                    args.duration,
-                    args.open_warmup,
-                    args.load_cpu,
-                )
-                r["round"] = i
-                fig(name, "open").runs.append(r)
-                log_open(name, r)
-        end = {n: servers[n].admin_status() for n in names}
-        for name, srv in servers.items():
-            if srv.spec.kind == "mlproxy":
-                diagnostics[name] = {
-                    "c64": batching_summary(before[name], after_c64[name]),
-                    "open": batching_summary(before_open[name], end[name]) if name in fixed else {},
-                    "all": batching_summary(None, end[name]),
-                    "status_end": end[name],
-                }
-        log("== stopping the servers")
+                if open_rate is None:  # the rate is set once, from the first round
+                    open_target = (fig("single", "c64").median("rps") or 0.0) / 2
+                    log(f"== open-loop rate: half of single's {2 * open_target:,.0f} req/s")
+                    open_rate = open_loop_rate(servers["single"], bodies_file, open_target, args)
+                    if open_rate < open_target:
+                        open_note = (
+                            f" (the generator could not sustain the target"
+                            f" {open_target:,.0f} req/s = half of single's capacity)"
+                        )
+                        warn(f"open loop: {open_note.strip(' ()')}; used {open_rate:,.0f} req/s")
+                before_open = {n: servers[n].admin_status() for n in names}
+                log(f"== round {i + 1}/{args.runs}: open loop @ {open_rate:,.0f} req/s")
+                for name in rotated(["single", "shadow"], i):
+                    r = run_open_loop(
+                        servers[name].port,
+                        bodies_file,
+                        open_rate,
+                        args.duration,
+                        args.open_warmup,
+                        args.load_cpu,
+                    )
+                    r["round"] = i
+                    fig(name, "open").runs.append(r)
+                    log_open(name, r)
+                end = {n: servers[n].admin_status() for n in names}
+                for name, srv in servers.items():
+                    if srv.spec.kind != "mlproxy":
+                        continue
+                    p = parts.setdefault(name, {"c64": [], "open": []})
+                    p["c64"].append(batching_summary(before[name], after[name]))
+                    if name in ("single", "shadow"):
+                        p["open"].append(batching_summary(before_open[name], end[name]))
+                    ends.setdefault(name, []).append(end[name])
+                log(f"== round {i + 1}/{args.runs}: stopping the servers")
+    diagnostics = {
+        name: {
+            "c64": merge_summaries(p["c64"]),
+            "open": merge_summaries(p["open"]),
+            "status_end_per_round": ends[name],
+        }
+        for name, p in parts.items()
+    }
     order = [
         ("http-limit", "c64"),
         ("inline-onnx", "c64"),
@@ -907,8 +951,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--duration", type=int, default=None, help="seconds per run (default 10)")
-    p.add_argument("--runs", type=int, default=None, help="runs per figure, median (default 3)")
+    p.add_argument("--duration", type=int, default=None, help="seconds per run (default 6)")
+    p.add_argument(
+        "--runs", type=int, default=None, help="runs (rounds) per figure, median (default 5)"
+    )
     p.add_argument("--warmup", type=int, default=None, help="discarded wrk seconds (default 2)")
     p.add_argument("--open-warmup", type=float, default=1.0, help="open-loop seconds not measured")
     p.add_argument("--quick", action="store_true", help="--runs 1 --duration 3 --warmup 1")
@@ -918,7 +964,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--strict", action="store_true", help="exit 1 when a floor check fails")
     args = p.parse_args(argv)
     quick = {"duration": 3, "runs": 1, "warmup": 1}
-    full = {"duration": 10, "runs": 3, "warmup": 2}
+    full = {"duration": 6, "runs": 5, "warmup": 2}
     for key, value in (quick if args.quick else full).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
