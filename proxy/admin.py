@@ -109,6 +109,7 @@ def monitor_snapshot(serving: Serving) -> MonitorSnapshot:
     return MonitorSnapshot(
         versions=views,
         loop_lag_s=w.loop_lag_s,
+        loop_busy=w.loop_busy,
         nonfinite=dict(w.nonfinite),
         feedback=dict(w.feedback),
         webhook=dict(serving.webhook.counts) if serving.webhook else {},
@@ -210,6 +211,8 @@ def status(serving: Serving) -> dict[str, Any]:
         "inflight": serving.inflight,
         "shed": serving.shed,
         "loop_lag_ms": round(serving.watch.loop_lag_s * 1000, 3),
+        "loop_busy": round(serving.watch.loop_busy, 3),
+        "mirrors_yield": serving.mirrors_yield,
         "alerts": len(serving.alerts.recent()),
         "open_alerts": serving.alerts.open_alerts(),
         "models": models,

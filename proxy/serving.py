@@ -8,7 +8,7 @@ import logging
 import os
 import random
 from pathlib import Path
-from time import perf_counter
+from time import perf_counter, thread_time
 from typing import Any
 
 import aiohttp
@@ -19,12 +19,17 @@ from .plan import Plan, StatsBook, close_plan, create_plan, start_plan
 from .rollout import RolloutController, rollout_key
 from .routing import create_strategy
 from .runner import Runners
+from .shadow import BUSY_KEEP_EVERY
 from .state import Alerts, AuditLog, StateFile
 from .watch import Watch
 from .webhook import WebhookSender
 
 log = logging.getLogger("mlproxy")
 WATCH_INTERVAL_S = 0.25
+# Mirrors yield (see MirrorLane.busy) once the loop thread used this share of a CPU over one
+# WATCH_INTERVAL_S, and mirror fully again once it is back under BUSY_LEAVE.
+BUSY_ENTER = 0.85
+BUSY_LEAVE = 0.7
 TICK_INTERVAL_S = 0.5
 RESTART_ONLY = ("server", "admin")  # sections a reload cannot change on a listening process
 
@@ -80,6 +85,7 @@ class Serving:
         self.shed = 0
         self.fallbacks: dict[tuple[str, str], int] = {}
         self.reloads = {"ok": 0, "error": 0}
+        self.mirrors_yield = False  # the serving loop is busy: mirrors take 1 request in 8
         self.last_error: str | None = None
         self.controllers: dict[str, RolloutController] = {}
         self.config_path = Path(plan.config.source)
@@ -258,6 +264,22 @@ class Serving:
             self.alerts.listeners.append(self.webhook.submit)
             self.webhook.start()
 
+    def loop_busy(self, share: float) -> None:
+        """Take the serving loop's CPU share over the last interval (thread CPU time / wall
+        time); mirrors yield while it is high (entered at BUSY_ENTER, left under BUSY_LEAVE)."""
+        self.watch.loop_busy = share
+        busy = share >= BUSY_ENTER or (self.mirrors_yield and share >= BUSY_LEAVE)
+        if busy != self.mirrors_yield:
+            self.mirrors_yield = busy
+            log.info(
+                "serving loop at %.0f%% of a CPU: mirrors %s",
+                share * 100,
+                f"take 1 request in {BUSY_KEEP_EVERY}" if busy else "take every request again",
+            )
+        for mp in self.plan.models.values():
+            for lane in mp.lanes.values():
+                lane.busy = busy
+
     def housekeeping(self, now: float | None = None) -> None:
         """Monitoring's periodic step (the serving loop calls it; tests call it directly)."""
         now = self._loop.time() if now is None else now
@@ -268,9 +290,11 @@ class Serving:
         self.watcher = ConfigWatcher(self.config_path) if watch else None
         next_tick = 0.0
         while True:
-            before = perf_counter()
+            before, cpu_before = perf_counter(), thread_time()
             await asyncio.sleep(WATCH_INTERVAL_S)  # a timer, not a synchronisation: these jobs poll
-            self.watch.loop_lag(perf_counter() - before - WATCH_INTERVAL_S)
+            elapsed = perf_counter() - before
+            self.watch.loop_lag(elapsed - WATCH_INTERVAL_S)
+            self.loop_busy((thread_time() - cpu_before) / elapsed)
             if self.watcher is not None and self.watcher.check():
                 try:
                     await self.reload("file changed", only_if_changed=True)

@@ -20,6 +20,9 @@ log = logging.getLogger("mlproxy.shadow")
 # MIRROR_BATCH_ROWS, so that the loop pays for one run and one comparison per ~100 requests.
 LINGER_S = 0.02
 MIRROR_BATCH_ROWS = 256
+# While the serving loop is busy (Serving measures it), a lane mirrors only one request in
+# BUSY_KEEP_EVERY: comparisons go on at a trickle, and the primary pays 1/8 of the mirror's cost.
+BUSY_KEEP_EVERY = 8
 
 
 class MirrorLane:
@@ -33,6 +36,11 @@ class MirrorLane:
     comparison) per `max_batch_rows` requests rather than one per request; its runs go to the
     low-priority background thread. After `breaker_failures` failed or
     timed-out batches in a row the lane drops everything for `breaker_pause_s` seconds.
+
+    While `busy` is set (Serving sets it while the serving loop uses nearly all of its CPU), the
+    lane takes one request in BUSY_KEEP_EVERY and counts the others as `yielded`: near
+    saturation even the loop's small share of a mirror's work (copying rows in, comparing
+    answers) lengthens every primary's queue.
     """
 
     def __init__(
@@ -72,6 +80,8 @@ class MirrorLane:
         self._idle.set()
         self._consecutive_failures = 0
         self._open_until = -1.0
+        self.busy = False  # set by Serving while the serving loop has no CPU to spare
+        self._busy_skip = 0
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -90,6 +100,12 @@ class MirrorLane:
 
     def offer(self, x: Array, primary: dict[str, Array]) -> None:
         n = x.shape[0]
+        if self.busy:  # mirrors yield to primaries: keep one request in BUSY_KEEP_EVERY
+            self._busy_skip += 1
+            if self._busy_skip < BUSY_KEEP_EVERY:
+                self.stats.yielded += n
+                return
+            self._busy_skip = 0
         if self._open_until >= 0 and self.breaker_open:
             self.stats.dropped += n
             return

@@ -53,6 +53,7 @@ class Watch:
         self.nonfinite: dict[str, int] = {}
         self.feedback: dict[tuple[str, str], int] = {}
         self.loop_lag_s = 0.0
+        self.loop_busy = 0.0  # the serving loop thread's CPU share over the last interval
         self._overloaded_since: float | None = None
         self._next_history = 0.0
         self.alerts_config = AlertsConfig()

@@ -55,6 +55,7 @@ GAUGES = {
     "mlproxy_accuracy_ratio",
     "mlproxy_holdout_accuracy_ratio",
     "mlproxy_event_loop_lag_seconds",
+    "mlproxy_event_loop_busy_ratio",
     "process_resident_memory_bytes",
 }
 HISTOGRAMS = {

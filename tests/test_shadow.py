@@ -175,3 +175,35 @@ async def test_mirror_queue_keeps_rows_and_answers_together_across_its_buffer_en
     for k, v in answers.items():
         assert primary[k].tolist() == np.concatenate([v[10:11], v[0:3], v[3:8]]).tolist()
     assert lane.queued_rows == 0
+
+
+async def test_mirrors_yield_to_a_busy_serving_loop(
+    start: Any, write_config: Any, model_repo: Path, cancer_rows: Any
+) -> None:
+    """While the loop uses nearly all of its CPU, a mirror takes one request in eight and counts
+    the rest as yielded; it takes every request again once the loop has CPU to spare."""
+    from proxy.shadow import BUSY_KEEP_EVERY
+
+    client, serving = await start(write_config(shadow_config(model_repo)))
+    mp = serving.plan.models["cancer"]
+    m = mp.stats["v2"].mirror
+
+    async def send(n: int) -> None:
+        for i in range(n):
+            resp = await client.post(
+                "/v2/models/cancer/infer", json=infer_body(cancer_rows[i : i + 1])
+            )
+            assert resp.status == 200 and resp.headers["x-model-version"] == "v1"
+        await asyncio.wait_for(mp.lanes["v2"].drained(), timeout=10)
+
+    serving.loop_busy(0.95)
+    assert serving.mirrors_yield
+    await send(2 * BUSY_KEEP_EVERY)
+    assert (m.sent, m.yielded, m.compared) == (2, 2 * BUSY_KEEP_EVERY - 2, 2)
+    serving.loop_busy(0.8)  # between the thresholds: still yielding (no flapping)
+    assert serving.mirrors_yield
+    serving.loop_busy(0.5)
+    assert not serving.mirrors_yield
+    await send(5)
+    assert (m.sent, m.yielded, m.compared) == (7, 2 * BUSY_KEEP_EVERY - 2, 7)
+    assert mp.stats["v2"].summary()["mirror"]["yielded"] == 2 * BUSY_KEEP_EVERY - 2

@@ -132,10 +132,11 @@ class ProxyCollector(_SnapshotCollector[Snapshot]):
                 shed_q.add_metric(lv, v.shed)
             fallbacks.add_metric(lv, v.fallbacks)
             m = st.mirror
-            if m.sent or m.dropped:
+            if m.sent or m.dropped or m.yielded:
                 for outcome, count in (
                     ("sent", m.sent),
                     ("dropped", m.dropped),
+                    ("yielded", m.yielded),
                     ("failed", m.failed),
                     ("compared", m.compared),
                 ):
@@ -243,6 +244,7 @@ class MonitorView:
 class MonitorSnapshot:
     versions: list[MonitorView]
     loop_lag_s: float
+    loop_busy: float
     nonfinite: dict[str, int]
     feedback: dict[tuple[str, str], int]
     webhook: dict[str, int]
@@ -339,6 +341,11 @@ class MonitorCollector(_SnapshotCollector[MonitorSnapshot]):
             "mlproxy_event_loop_lag_seconds",
             "How late the event loop ran a 250 ms timer.",
             value=snap.loop_lag_s,
+        )
+        yield GaugeMetricFamily(
+            "mlproxy_event_loop_busy_ratio",
+            "CPU time of the serving loop's thread over wall time, last 250 ms (1 = one full CPU).",
+            value=snap.loop_busy,
         )
         nonfinite = CounterMetricFamily(
             "mlproxy_input_nonfinite",

@@ -86,6 +86,7 @@ class MirrorStats:
 
     sent: int = 0  # rows handed to the mirror
     dropped: int = 0  # rows dropped: queue full, or breaker open
+    yielded: int = 0  # rows not mirrored because the serving loop was busy (see MirrorLane)
     failed: int = 0  # rows in batches that failed or timed out
     compared: int = 0  # rows whose answers were compared with the primary's
     label_rows: int = 0  # compared rows that have an integer (label) output
@@ -125,6 +126,7 @@ class VersionStats:
             "mirror": {
                 "sent": m.sent,
                 "dropped": m.dropped,
+                "yielded": m.yielded,
                 "failed": m.failed,
                 "compared": m.compared,
                 "agreement": m.agreement(),
