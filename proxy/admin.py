@@ -99,6 +99,9 @@ def monitor_snapshot(serving: Serving) -> MonitorSnapshot:
                 accuracy_short=vw.accuracy.accuracy("short"),
                 accuracy_long=vw.accuracy.accuracy("long"),
                 holdout_accuracy=vw.holdout_accuracy,
+                mae_short=vw.accuracy.mae("short"),
+                mae_long=vw.accuracy.mae("long"),
+                holdout_mae=vw.holdout_mae,
                 queue_wait=bs.queue_wait if bs else None,
                 batch_rows=dict(bs.batch_rows_hist) if bs else {},
             )
@@ -128,6 +131,12 @@ def _monitoring_summary(vw: Any) -> dict[str, Any]:
             "labelled_rows": vw.accuracy.rows,
         },
     }
+    if vw.accuracy.regression:
+        doc["mae"] = {
+            "short": _round(vw.accuracy.mae("short")),
+            "long": _round(vw.accuracy.mae("long")),
+            "holdout": vw.holdout_mae,
+        }
     if mon is None:
         doc["drift"] = None
         return doc

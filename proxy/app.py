@@ -180,11 +180,13 @@ class DataPlane:
         rid = doc.get("id")
         if not isinstance(rid, str) or not rid:
             raise InvalidInputError('"id" must be the id of an earlier inference request')
-        if "label" not in doc:
+        key = "label" if "label" in doc else "value"
+        if key not in doc:
             raise InvalidInputError(
-                '"label" is missing: the true class of each row of that request'
+                '"label" is missing: the true class (or, for a regression model, the true'
+                " value) of each row of that request"
             )
-        outcome = s.watch.join(name, rid, _labels(doc["label"]))
+        outcome = s.watch.join(name, rid, _truth(doc[key], key))
         if isinstance(outcome, str):
             if outcome.startswith("no stored prediction"):
                 raise NotFoundError(outcome)
@@ -278,16 +280,21 @@ class DataPlane:
         return web.Response(body=payload, content_type="application/octet-stream", headers=headers)
 
 
-def _labels(value: Any) -> np.ndarray[Any, Any]:
-    """Ground-truth labels from a feedback body: an integer, or a list of integers (one per row)."""
+def _truth(value: Any, key: str) -> np.ndarray[Any, Any]:
+    """Ground truth from a feedback body: a number, or a flat list of them (one per row).
+    Integers (classes) stay integers; other numbers (regression values) become float64."""
     try:
         arr = np.asarray(value)
     except ValueError:
-        raise InvalidInputError("label must be an integer class or a flat list of them") from None
-    if arr.dtype.kind not in "iub" or arr.ndim > 1:
+        raise InvalidInputError(f"{key} must be a number or a flat list of numbers") from None
+    if arr.dtype.kind not in "iubf" or arr.ndim > 1 or arr.size == 0:
         raise InvalidInputError(
-            f"label must be an integer class or a flat list of them, not {value!r}"[:200]
+            f"{key} must be a number or a flat list of numbers, one per row, not {value!r}"[:200]
         )
+    if arr.dtype.kind == "f":
+        if not np.isfinite(arr).all():
+            raise InvalidInputError(f"{key} holds NaN or infinite values")
+        return arr.reshape(-1).astype(np.float64)
     return arr.reshape(-1).astype(np.int64)
 
 

@@ -141,6 +141,7 @@ class DriftConfig:
     accuracy_margin: float = 0.05  # concept drift: alert when accuracy < holdout - margin
     min_feedback: int = 100  # labelled rows a window needs before its accuracy is judged
     predictions: int = 100_000  # predictions kept for feedback to join (oldest dropped)
+    mae_margin: float = 0.5  # regression: alert when MAE > holdout MAE * (1 + margin)
 
 
 @dataclass(frozen=True, slots=True)
@@ -485,6 +486,7 @@ def _parse_drift(r: TableReader) -> DriftConfig:
     margin = positive_key(r, "accuracy_margin", "a number", d.accuracy_margin, allow_zero=True)
     min_feedback = positive_key(r, "min_feedback", "an integer", d.min_feedback)
     predictions = positive_key(r, "predictions", "an integer", d.predictions)
+    mae_margin = positive_key(r, "mae_margin", "a number", d.mae_margin, allow_zero=True)
     r.done()
     if window and long_window and long_window < window:
         r.error(f"must be >= window ({window}), not {long_window}", "long_window")
@@ -492,4 +494,6 @@ def _parse_drift(r: TableReader) -> DriftConfig:
         r.error(f"must be >= psi_warn ({warn}), not {alert}", "psi_alert")
     if window and window < 10:
         r.error(f"must be >= 10 rows, not {window}", "window")
-    return DriftConfig(window, long_window, warn, alert, enabled, margin, min_feedback, predictions)
+    return DriftConfig(
+        window, long_window, warn, alert, enabled, margin, min_feedback, predictions, mae_margin
+    )

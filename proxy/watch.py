@@ -37,6 +37,7 @@ class VersionWatch:
     monitor: VersionMonitor | None
     accuracy: AccuracyTracker
     holdout_accuracy: float | None
+    holdout_mae: float | None = None  # regression versions
     history: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=HISTORY_POINTS))
     last_counts: Array | None = None
     last_requests: int = 0
@@ -81,14 +82,16 @@ class Watch:
                             baseline, d.window, d.long_window, d.psi_warn, d.psi_alert
                         )
                     )
-                    holdout = ((raw.get("metrics") or {}).get("holdout") or {}).get("accuracy")
+                    holdout = (raw.get("metrics") or {}).get("holdout") or {}
+                    regression = raw.get("task") == "regression"
                     vw = VersionWatch(
                         name,
                         version,
                         d,
                         monitor,
-                        AccuracyTracker(d.window, d.long_window, d.min_feedback),
-                        holdout,
+                        AccuracyTracker(d.window, d.long_window, d.min_feedback, regression),
+                        holdout.get("accuracy"),
+                        holdout.get("mae"),
                     )
                     self.versions[key] = vw
                 observer = (
@@ -149,6 +152,8 @@ class Watch:
         """Keep a prediction for feedback to join; `seq` >= 0: the id was made up from it."""
         store = self.predictions.get(model)
         label = outputs.get("label")
+        if label is None:
+            label = outputs.get("variable")  # a regression model's answer
         if store is not None and label is not None:
             store.put(request_id, version, label, seq)
 
@@ -175,6 +180,14 @@ class Watch:
         vw = self.versions.get((model, pred.version))
         if vw is None:
             return f"version {pred.version} of {model} is no longer watched"
+        if not vw.accuracy.regression and truth.dtype.kind not in "iub":
+            assert store is not None
+            seq = generated_seq(request_id)
+            store.put(request_id, pred.version, pred.labels, -1 if seq is None else seq)
+            return (
+                f"{model}/{pred.version} is a classifier: label must be an integer class (or a"
+                " list of them), not a fractional number"
+            )
         vw.accuracy.record(pred.labels, truth)
         key = (model, "joined")
         self.feedback[key] = self.feedback.get(key, 0) + 1
@@ -182,30 +195,41 @@ class Watch:
         return pred.version, int(truth.size)
 
     def _check_accuracy(self, vw: VersionWatch) -> None:
-        acc = vw.accuracy.accuracy("short")
-        if acc is None or vw.holdout_accuracy is None:
-            return
-        floor = vw.holdout_accuracy - vw.drift.accuracy_margin
+        """Fire (or clear) concept drift: short-window accuracy under holdout - accuracy_margin,
+        or, for a regression model, short-window MAE over holdout MAE x (1 + mae_margin)."""
+        name = f"{vw.model}/{vw.version}"
+        if vw.accuracy.regression:
+            value, holdout = vw.accuracy.mae("short"), vw.holdout_mae
+            if value is None or holdout is None:
+                return
+            bad = value > holdout * (1.0 + vw.drift.mae_margin)
+            statistic = "mae"
+            what = f"mean absolute error of {name} on fed-back values is {value:.4g}"
+            why = f"above its holdout {holdout:.4g} x (1 + mae_margin {vw.drift.mae_margin})"
+        else:
+            value, holdout = vw.accuracy.accuracy("short"), vw.holdout_accuracy
+            if value is None or holdout is None:
+                return
+            bad = value < holdout - vw.drift.accuracy_margin
+            statistic = "accuracy"
+            what = f"accuracy of {name} on fed-back labels is {value:.3f}"
+            why = f"below its holdout {holdout:.3f} - margin {vw.drift.accuracy_margin}"
         key = f"concept:{vw.model}:{vw.version}"
-        if acc < floor:
+        if bad:
             self.alerts.fire(
                 key,
                 "concept_drift",
                 model=vw.model,
                 version=vw.version,
-                message=(
-                    f"accuracy of {vw.model}/{vw.version} on fed-back labels is {acc:.3f}, below its"
-                    f" holdout {vw.holdout_accuracy:.3f} - margin {vw.drift.accuracy_margin}"
-                ),
-                value=round(acc, 6),
-                holdout=vw.holdout_accuracy,
+                message=f"{what}, {why}",
+                value=round(value, 6),
+                holdout=holdout,
+                statistic=statistic,
                 window="short",
             )
         else:
             self.alerts.resolve(
-                key,
-                f"accuracy of {vw.model}/{vw.version} recovered to {acc:.3f}",
-                value=round(acc, 6),
+                key, f"{statistic} of {name} back to {value:.4g}", value=round(value, 6)
             )
 
     # ---------------------------------------------------------------- software

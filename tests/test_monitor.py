@@ -394,3 +394,111 @@ def test_prediction_store_keeps_made_up_ids_by_counter() -> None:
     assert store.pop(ids[4]) is None and len(store) == 2  # joined once
     store.put("client-id", "v2", np.array([1]))  # a client's id goes through the dict
     assert len(store) == 3 and store.pop("client-id") is not None
+
+
+# ---------------------------------------------------------------- regression models
+
+
+@pytest.fixture(scope="module")
+def regression_repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray[Any, Any]]:
+    """prices/r1: a linear regression on 4 features, packaged by the real `package` code."""
+    from sklearn.linear_model import LinearRegression
+
+    from proxy.packaging import package_model
+
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=(1200, 4))
+    y = x @ np.array([3.0, -2.0, 1.0, 0.5]) + rng.normal(scale=0.5, size=1200)
+    repo = tmp_path_factory.mktemp("regression") / "models"
+    model = LinearRegression().fit(x[:1000], y[:1000])
+    package_model(
+        model, x[:1000], name="prices", version="r1", repo=repo, holdout=(x[1000:], y[1000:])
+    )
+    return repo, np.concatenate([x, y[:, None]], axis=1)
+
+
+def regression_config(repo: Path) -> str:
+    section = model_section(
+        repo=repo, name="prices", stable="r1", versions={"r1": f'{{ path = "{repo}/prices/r1" }}'}
+    )
+    return section + "[models.prices.drift]\nwindow = 200\nlong_window = 1000\nmin_feedback = 100\n"
+
+
+async def send_prices(client: Any, x: np.ndarray[Any, Any]) -> list[tuple[str, float]]:
+    out = []
+    for row in x:
+        resp = await client.post(
+            "/v2/models/prices/infer", json=infer_body(row[None, :].astype(np.float32))
+        )
+        assert resp.status == 200, await resp.text()
+        doc = await resp.json()
+        out.append((doc["id"], float(doc["outputs"][0]["data"][0])))
+    return out
+
+
+async def test_regression_output_drift_and_mae_concept_drift(
+    start: Any, write_config: Any, regression_repo: Any
+) -> None:
+    """A regression model's output is watched like a feature (`variable`), and fed-back true
+    values give a rolling MAE, judged against the manifest's holdout MAE."""
+    repo, data = regression_repo
+    x, y = data[:, :4], data[:, 4]
+    client, serving = await start(write_config(regression_config(repo)))
+    holdout_mae = OnnxModel(repo / "prices" / "r1").manifest.raw["metrics"]["holdout"]["mae"]
+    assert 0.3 < holdout_mae < 0.5  # the noise's scale, 0.5 * sqrt(2 / pi)
+
+    answers = await send_prices(client, x[1000:1200])
+    serving.watch.flush()
+    vw = serving.watch.versions[("prices", "r1")]
+    assert vw.monitor is not None and vw.monitor.baseline.names[-1] == "variable"
+    short = vw.monitor.judged["short"]
+    assert short.psi[-1] < 0.25  # outputs of in-distribution rows look like training's
+
+    # true values fed back: the honest ones keep MAE near holdout, no alert
+    for (rid, _), truth in zip(answers[:100], y[1000:1100], strict=True):
+        resp = await client.post("/v2/models/prices/feedback", json={"id": rid, "value": truth})
+        assert resp.status == 200, await resp.text()
+    mae = vw.accuracy.mae("short")
+    assert mae is not None and mae == pytest.approx(
+        float(np.mean(np.abs(np.array([p for _, p in answers[:100]]) - y[1000:1100]))), rel=1e-6
+    )
+    assert not [a for a in serving.alerts.recent() if a["kind"] == "concept_drift"]
+    # the world changed: the truth moved by 2 while the model did not
+    for (rid, _), truth in zip(answers[100:200], y[1100:1200] + 2.0, strict=True):
+        resp = await client.post("/v2/models/prices/feedback", json={"id": rid, "label": truth})
+        assert resp.status == 200, await resp.text()
+    fired = [a for a in serving.alerts.recent() if a["kind"] == "concept_drift"]
+    assert fired and fired[0]["state"] == "firing" and fired[0]["statistic"] == "mae"
+    assert fired[0]["value"] > holdout_mae * 1.5
+
+    # the output distribution moves when the inputs push it: output drift, named `variable`
+    await send_prices(client, x[:200] + np.array([2.0, -2.0, 0.0, 0.0]))
+    serving.watch.flush()
+    assert vw.monitor.judged["short"].psi[-1] > 0.25
+    drift = [
+        a
+        for a in serving.alerts.recent()
+        if a["kind"] == "drift" and a.get("feature") == "variable"
+    ]
+    assert drift and drift[0]["state"] == "firing"
+
+    # bad values are a clear 400 and change nothing
+    rid = (await send_prices(client, x[:1]))[0][0]
+    for bad in ({"id": rid, "value": "high"}, {"id": rid, "value": [[1.0]]}, {"id": rid}):
+        resp = await client.post("/v2/models/prices/feedback", json=bad)
+        assert resp.status == 400, bad
+    resp = await client.post(
+        "/v2/models/prices/feedback", data=b'{"id": "%s", "value": NaN}' % rid.encode()
+    )
+    assert resp.status == 400
+
+
+async def test_a_classifier_refuses_fractional_labels(
+    start: Any, write_config: Any, model_repo: Path
+) -> None:
+    client, _serving = await start(write_config(model_section(repo=model_repo)))
+    ids = await send_rows(client, ROWS[:1], per_request=1)
+    resp = await client.post("/v2/models/cancer/feedback", json={"id": ids[0], "label": 0.5})
+    assert resp.status == 400 and "integer class" in (await resp.json())["error"]
+    resp = await client.post("/v2/models/cancer/feedback", json={"id": ids[0], "label": 1})
+    assert resp.status == 200  # the refused call left the prediction in place

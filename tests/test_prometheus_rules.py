@@ -54,6 +54,8 @@ GAUGES = {
     "mlproxy_input_duplicate_ratio",
     "mlproxy_accuracy_ratio",
     "mlproxy_holdout_accuracy_ratio",
+    "mlproxy_mae",
+    "mlproxy_holdout_mae",
     "mlproxy_event_loop_lag_seconds",
     "mlproxy_event_loop_busy_ratio",
     "process_resident_memory_bytes",

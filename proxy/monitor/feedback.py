@@ -11,7 +11,7 @@ from ..protocol import generated_seq
 from .tracker import Window
 
 Array = np.ndarray[Any, Any]
-CORRECT = 1  # counter slot next to ROWS (0) in the accuracy windows
+CORRECT = 1  # counter slot next to ROWS (0): correct answers, or the sum of absolute errors
 
 
 @dataclass(slots=True)
@@ -101,34 +101,50 @@ class PredictionStore:
 
 @dataclass
 class AccuracyTracker:
-    """Correct answers over the last `window` and `long_window` labelled rows of one version."""
+    """How right a version's answers were on the last `window` and `long_window` rows with
+    ground truth: accuracy (classification), or mean absolute error (`regression`)."""
 
     window_rows: int
     long_window_rows: int
     min_rows: int
+    regression: bool = False
     short: Window = field(init=False)
     long: Window = field(init=False)
     total: Array = field(init=False)
 
     def __post_init__(self) -> None:
-        self.short = Window(self.window_rows, 2)
-        self.long = Window(self.long_window_rows, 2)
-        self.total = np.zeros(2, dtype=np.int64)
+        dtype = (
+            np.float64 if self.regression else np.int64
+        )  # [rows, sum |error|] or [rows, correct]
+        self.short = Window(self.window_rows, 2, dtype)
+        self.long = Window(self.long_window_rows, 2, dtype)
+        self.total = np.zeros(2, dtype=dtype)
 
     def record(self, predicted: Array, truth: Array) -> None:
-        counts = np.array([predicted.size, int(np.sum(predicted == truth))], dtype=np.int64)
+        if self.regression:
+            err = np.abs(predicted.astype(np.float64) - truth.astype(np.float64))
+            counts = np.array([predicted.size, float(err.sum())], dtype=np.float64)
+        else:
+            counts = np.array([predicted.size, int(np.sum(predicted == truth))], dtype=np.int64)
         self.total += counts
         self.long.add(counts)
         self.short.add(counts)
 
-    def accuracy(self, which: str) -> float | None:
-        """Accuracy of a window once it holds at least `min_rows` labelled rows."""
+    def _score(self, which: str) -> float | None:
         w = self.short if which == "short" else self.long
         counts = w.total + w.current
         rows = int(counts[0])
         if rows < self.min_rows:
             return None
         return float(counts[CORRECT]) / rows
+
+    def accuracy(self, which: str) -> float | None:
+        """Accuracy of a window once it holds at least `min_rows` labelled rows."""
+        return None if self.regression else self._score(which)
+
+    def mae(self, which: str) -> float | None:
+        """Mean absolute error of a window (regression) once it holds `min_rows` rows."""
+        return self._score(which) if self.regression else None
 
     @property
     def rows(self) -> int:

@@ -236,6 +236,9 @@ class MonitorView:
     accuracy_short: float | None
     accuracy_long: float | None
     holdout_accuracy: float | None
+    mae_short: float | None
+    mae_long: float | None
+    holdout_mae: float | None
     queue_wait: LatencyHistogram | None
     batch_rows: dict[int, int]
 
@@ -296,6 +299,16 @@ class MonitorCollector(_SnapshotCollector[MonitorSnapshot]):
             "Holdout accuracy from the version's manifest.",
             labels=mv,
         )
+        mae = GaugeMetricFamily(
+            "mlproxy_mae",
+            "Mean absolute error on fed-back true values (regression models), per window.",
+            labels=[*mv, "window"],
+        )
+        holdout_mae = GaugeMetricFamily(
+            "mlproxy_holdout_mae",
+            "Holdout mean absolute error from the version's manifest (regression models).",
+            labels=mv,
+        )
         wait = HistogramMetricFamily(
             "mlproxy_queue_wait_seconds",
             "How long a batch's first request waited for its run.",
@@ -325,6 +338,11 @@ class MonitorCollector(_SnapshotCollector[MonitorSnapshot]):
                     acc.add_metric([*lv, window], a)
             if v.holdout_accuracy is not None:
                 holdout.add_metric(lv, v.holdout_accuracy)
+            for window, e in (("short", v.mae_short), ("long", v.mae_long)):
+                if e is not None:
+                    mae.add_metric([*lv, window], e)
+            if v.holdout_mae is not None:
+                holdout_mae.add_metric(lv, v.holdout_mae)
             if v.queue_wait is not None:
                 buckets = [(_le(b), c) for b, c in v.queue_wait.cumulative_export()]
                 wait.add_metric(lv, buckets, v.queue_wait.sum)
@@ -336,7 +354,7 @@ class MonitorCollector(_SnapshotCollector[MonitorSnapshot]):
                 total = sum(v.batch_rows.values())
                 out.append(("+Inf", total))
                 rows.add_metric(lv, out, float(sum(r * c for r, c in v.batch_rows.items())))
-        yield from (score, level, chi2, oor, dup, acc, holdout, wait, rows)
+        yield from (score, level, chi2, oor, dup, acc, holdout, mae, holdout_mae, wait, rows)
         yield GaugeMetricFamily(
             "mlproxy_event_loop_lag_seconds",
             "How late the event loop ran a 250 ms timer.",

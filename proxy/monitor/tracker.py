@@ -48,6 +48,8 @@ class Baseline:
     boundaries: Array  # all features' bin boundaries on one increasing axis (see Baseline.bin)
     offsets: Array  # [F] index of each feature's first boundary in `boundaries`
     scale: Array  # [F] 1 / (max - min)
+    var_edges: Array | None = None  # regression output: its edges, the last nudged up
+    var_fractions: Array | None = None  # [B + 2]: underflow 0, its bins, overflow 0
 
     @classmethod
     def from_manifest(cls, raw: dict[str, Any]) -> Baseline | None:
@@ -77,7 +79,12 @@ class Baseline:
             axis[-1] = np.nextafter(axis[-1], np.inf)
             bounds.extend(axis.tolist())
         outs = base.get("outputs", {})
-        classes = label_fr = prob_edges = prob_fr = None
+        classes = label_fr = prob_edges = prob_fr = var_edges = var_fr = None
+        var = outs.get("variable")
+        if isinstance(var, dict) and "label" not in outs:
+            var_edges = np.asarray(var["edges"], dtype=np.float64)
+            var_edges[-1] = np.nextafter(var_edges[-1], np.inf)  # the maximum itself is in range
+            var_fr = np.concatenate([[0.0], np.asarray(var["fractions"], dtype=np.float64), [0.0]])
         if "label" in outs:
             classes = np.asarray(outs["label"]["classes"])
             label_fr = np.asarray(outs["label"]["fractions"], dtype=np.float64)
@@ -87,6 +94,8 @@ class Baseline:
         names = [f["name"] for f in feats]
         if classes is not None and prob_fr is not None:
             names += ["label"] + [f"probabilities[{c}]" for c in classes.tolist()]
+        elif var_edges is not None:
+            names += ["variable"]
         return cls(
             names=names,
             n_features=n,
@@ -104,6 +113,8 @@ class Baseline:
             boundaries=np.asarray(bounds),
             offsets=offsets,
             scale=1.0 / spans,
+            var_edges=var_edges,
+            var_fractions=var_fr,
         )
 
     def bin(self, x: Array) -> Array:
@@ -131,19 +142,23 @@ class Layout:
         pb = 0 if b.prob_edges is None else len(b.prob_edges) - 1
         self.labels = slice(end, end + c)
         self.probs = slice(self.labels.stop, self.labels.stop + c * pb)
-        self.size = self.probs.stop
+        self.var_width = 0 if b.var_fractions is None else len(b.var_fractions)
+        self.variable = slice(self.probs.stop, self.probs.stop + self.var_width)
+        self.size = self.variable.stop
         self.n_classes, self.prob_bins = c, pb
+        # every distribution is one row of this width when drift is scored
+        self.width = max(b.width, c, pb, self.var_width)
 
 
 class Window:
     """The last `rows` rows as a ring of SUBWINDOWS count vectors (no rows stored)."""
 
-    def __init__(self, rows: int, size: int) -> None:
+    def __init__(self, rows: int, size: int, dtype: type = np.int64) -> None:
         self.rows = rows
         self.sub_rows = max(rows // SUBWINDOWS, 1)
         self.ring: deque[Array] = deque(maxlen=SUBWINDOWS)
-        self.current = np.zeros(size, dtype=np.int64)
-        self.total = np.zeros(size, dtype=np.int64)  # sum of the ring
+        self.current: Array = np.zeros(size, dtype=dtype)
+        self.total: Array = np.zeros(size, dtype=dtype)  # sum of the ring
 
     def add(self, counts: Array) -> bool:
         """Fold counts in; True when a sub-window completed (the window moved on)."""
@@ -280,6 +295,10 @@ class VersionMonitor:
             )
             pflat = (pidx + np.arange(lay.n_classes) * lay.prob_bins).ravel()
             counts[lay.probs] = np.bincount(pflat, minlength=lay.n_classes * lay.prob_bins)
+        elif b.var_edges is not None and "variable" in outputs:
+            v = outputs["variable"].reshape(n, -1)[:, 0].astype(np.float64, copy=False)
+            vidx = np.searchsorted(b.var_edges, v, side="right")
+            counts[lay.variable] = np.bincount(vidx, minlength=lay.var_width)
         self._remember_rows(x)
         return counts
 
@@ -311,10 +330,14 @@ class VersionMonitor:
     def _distributions(self, counts: Array) -> tuple[Array, Array]:
         """(expected fractions, observed counts) for every feature and output, padded to one width."""
         b, lay = self.baseline, self.layout
-        exp = [b.fractions]
-        obs = [counts[lay.features].reshape(b.n_features, b.width)]
+        w = lay.width
+        feats = counts[lay.features].reshape(b.n_features, b.width)
+        if w == b.width:
+            exp, obs = [b.fractions], [feats]
+        else:  # an output has more bins than any feature
+            pad = ((0, 0), (0, w - b.width))
+            exp, obs = [np.pad(b.fractions, pad)], [np.pad(feats, pad)]
         if b.classes is not None and b.label_fractions is not None and b.prob_fractions is not None:
-            w = b.width
             lab_e = np.zeros((1, w))
             lab_e[0, : lay.n_classes] = b.label_fractions
             lab_o = np.zeros((1, w), dtype=np.int64)
@@ -325,6 +348,13 @@ class VersionMonitor:
             po[:, : lay.prob_bins] = counts[lay.probs].reshape(lay.n_classes, lay.prob_bins)
             exp += [lab_e, pe]
             obs += [lab_o, po]
+        elif b.var_fractions is not None:
+            ve = np.zeros((1, w))
+            ve[0, : lay.var_width] = b.var_fractions
+            vo = np.zeros((1, w), dtype=np.int64)
+            vo[0, : lay.var_width] = counts[lay.variable]
+            exp.append(ve)
+            obs.append(vo)
         return np.vstack(exp), np.vstack(obs)
 
     def scores(self, counts: Array) -> Judgement:
