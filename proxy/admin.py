@@ -267,8 +267,7 @@ def monitor_doc(serving: Serving) -> dict[str, Any]:
                 "rates": mon.rates() if mon else {"out_of_range": None, "duplicates": None},
             }
             if mon is not None:
-                assert isinstance(mp.backends[v], LocalBackend)
-                manifest_feats = mp.backends[v].model.manifest.raw["baseline"]["features"]  # type: ignore[attr-defined]
+                manifest_feats = mp.backends[v].manifest_raw["baseline"]["features"]
                 for f, h in zip(manifest_feats, mon.histograms(), strict=True):
                     doc["features"].append({**h, "edges": f["edges"]})
                 short, long = mon.judged.get("short"), mon.judged.get("long")

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import logging
+from pathlib import Path
 from typing import Any, Protocol
 
 import aiohttp
 import numpy as np
 import orjson
 
-from .batching import Batcher, inline_limit_s
+from .batching import Batcher, Observer, inline_limit_s
 from .config import BatchingConfig, LimitsConfig, VersionConfig
 from .errors import ModelLoadError, UpstreamError, UpstreamTimeoutError
 from .protocol import TensorSpec, decode_infer_response, encode_infer_request, parse_tensor_specs
@@ -17,6 +20,7 @@ from .repository import OnnxModel
 from .runner import Runners, usable_cpus
 
 Array = np.ndarray[Any, Any]
+log = logging.getLogger("mlproxy.backends")
 
 
 class Backend(Protocol):
@@ -27,6 +31,10 @@ class Backend(Protocol):
     input: TensorSpec
     outputs: tuple[TensorSpec, ...]
     identity: str  # changes when what is served changes (sha256 for files, url for remotes)
+    manifest_raw: dict[str, Any]  # what the version is watched against ({}: not watched)
+
+    def set_observer(self, observer: Observer | None) -> None:
+        """Who sees every serving answer's rows and outputs (drift monitoring)."""
 
     async def infer(self, x: Array, *, background: bool = False) -> dict[str, Array]: ...
 
@@ -48,6 +56,10 @@ class LocalBackend:
         self.input = model.input
         self.outputs = model.outputs
         self.identity = model.manifest.sha256
+        self.manifest_raw = model.manifest.raw
+
+    def set_observer(self, observer: Observer | None) -> None:
+        self.batcher.observer = observer
 
     async def infer(self, x: Array, *, background: bool = False) -> dict[str, Array]:
         """Serving requests go through the batcher; background work (already batched by its
@@ -84,6 +96,8 @@ class RemoteBackend:
         self.version = config.name
         self.url = config.url
         self.identity = config.url
+        self.manifest_raw: dict[str, Any] = {}
+        self.observer: Observer | None = None
         self._http = http
         self._timeout_s = config.timeout_ms / 1000.0
         self._timeout = aiohttp.ClientTimeout(total=self._timeout_s)
@@ -123,7 +137,18 @@ class RemoteBackend:
             raise ModelLoadError(f"{config.url}: metadata is not JSON") from None
         if not isinstance(meta, dict):
             raise ModelLoadError(f"{config.url}: metadata is not a JSON object")
-        return cls(config, http, meta)
+        backend = cls(config, http, meta)
+        if config.baseline is not None:
+            path = config.baseline
+            raw, digest = await asyncio.get_running_loop().run_in_executor(
+                None, _read_baseline, path, backend.input.shape[1]
+            )
+            backend.manifest_raw = raw
+            backend.identity = f"{config.url}#{digest}"
+        return backend
+
+    def set_observer(self, observer: Observer | None) -> None:
+        self.observer = observer
 
     async def infer(self, x: Array, *, background: bool = False) -> dict[str, Array]:
         body = encode_infer_request(x, self.input)
@@ -152,6 +177,11 @@ class RemoteBackend:
                 raise UpstreamError(
                     f"{where} answered {arr.shape[0]} rows of {name!r} for {x.shape[0]} rows"
                 )
+        if self.observer is not None and not background:
+            try:
+                self.observer(x, outputs)
+            except Exception:  # monitoring must never fail a request
+                log.exception("monitoring %s failed", where)
         return outputs
 
     def metadata(self) -> dict[str, Any]:
@@ -164,6 +194,26 @@ class RemoteBackend:
 
     async def close(self) -> None:
         return None
+
+
+def _read_baseline(path: Path, features: int) -> tuple[dict[str, Any], str]:
+    """A remote version's baseline manifest (as `mlproxy package` writes it) and its sha256."""
+    try:
+        blob = path.read_bytes()
+    except OSError as exc:
+        raise ModelLoadError(f"{path}: cannot read the baseline manifest: {exc.strerror}") from None
+    try:
+        raw = orjson.loads(blob)
+    except orjson.JSONDecodeError as exc:
+        raise ModelLoadError(f"{path}: the baseline manifest is not JSON: {exc}") from None
+    feats = (raw.get("baseline") or {}).get("features") if isinstance(raw, dict) else None
+    if not isinstance(feats, list) or not feats:
+        raise ModelLoadError(f"{path}: has no baseline.features (write it with `mlproxy package`)")
+    if features > 0 and len(feats) != features:
+        raise ModelLoadError(
+            f"{path}: its baseline has {len(feats)} features, the remote model takes {features}"
+        )
+    return raw, hashlib.sha256(blob).hexdigest()
 
 
 async def create_backend(

@@ -70,6 +70,7 @@ class VersionConfig:
     path: Path | None = None
     url: str | None = None
     timeout_ms: float = 1000.0
+    baseline: Path | None = None  # url versions: a manifest.json whose baseline they are watched on
 
 
 @dataclass(frozen=True, slots=True)
@@ -341,6 +342,7 @@ def _parse_versions(
         path = vr.get("path", "a string", None)
         url = vr.get("url", "a string", None)
         timeout = positive_key(vr, "timeout_ms", "a number", 1000.0)
+        baseline = vr.get("baseline", "a string", None)
         vr.done()
         if (path is None) == (url is None):
             vr.error("needs exactly one of path (a local model directory) or url (a remote server)")
@@ -348,8 +350,20 @@ def _parse_versions(
         if url is not None and not url.startswith(("http://", "https://")):
             vr.error(f"must be an http(s) URL, not {url!r}", "url")
             continue
+        if baseline is not None and url is None:
+            vr.error(
+                "is for url versions: a local version is watched on its own manifest.json",
+                "baseline",
+            )
+            continue
         resolved = None if path is None else (base_dir / path)
-        versions[vname] = VersionConfig(vname, resolved, url.rstrip("/") if url else None, timeout)
+        versions[vname] = VersionConfig(
+            vname,
+            resolved,
+            url.rstrip("/") if url else None,
+            timeout,
+            None if baseline is None else base_dir / baseline,
+        )
     if not versions and not raw:
         errors.append(f"{key}: at least one version is required")
     return versions

@@ -82,7 +82,7 @@ class Plan:
 
 
 def _same_version(a: VersionConfig, b: VersionConfig) -> bool:
-    return a.path == b.path and a.url == b.url and a.timeout_ms == b.timeout_ms
+    return a == b
 
 
 async def _reusable(
@@ -91,13 +91,13 @@ async def _reusable(
     """The running backend for this version if nothing about it changed (sha256 on disk included)."""
     if old is None or old_vc is None or not _same_version(vc, old_vc):
         return None
-    if vc.path is not None:
-        path = vc.path / MODEL_FILE
+    path = vc.path / MODEL_FILE if vc.path is not None else vc.baseline
+    if path is not None:
         try:
             digest = await asyncio.get_running_loop().run_in_executor(None, sha256_file, path)
         except OSError:
             return None  # gone or unreadable: a fresh load reports the problem
-        if digest != old.identity:
+        if not old.identity.endswith(digest):
             return None
     return old
 

@@ -72,7 +72,7 @@ class Watch:
             for version, backend in mp.backends.items():
                 key = (name, version)
                 vw = self.versions.get(key)
-                raw = backend.model.manifest.raw if isinstance(backend, LocalBackend) else {}
+                raw = backend.manifest_raw
                 if vw is None or vw.drift != d:
                     baseline = Baseline.from_manifest(raw) if d.enabled else None
                     monitor = (
@@ -101,8 +101,7 @@ class Watch:
                 )
                 # Only what a version answers is monitored: mirrored rows are the primary's
                 # inputs, already counted; a mirror is judged by its agreement with the primary.
-                if isinstance(backend, LocalBackend):
-                    backend.batcher.observer = observer
+                backend.set_observer(observer)
 
     # ---------------------------------------------------------------- data drift
 

@@ -105,3 +105,101 @@ async def test_blue_green_serves_only_active(
     )
     assert resp.status == 200
     assert serving.plan.models["cancer"].stats[want].requests == 200
+
+
+async def test_remote_version_with_a_baseline_is_watched_for_drift(
+    start: Any,
+    write_config: Any,
+    model_repo: Path,
+    gated_upstream: Any,
+    cancer_rows: Any,
+    tmp_path: Path,
+) -> None:
+    """`baseline = <manifest.json>` on a url version: its answers are binned and judged like a
+    local version's; a shifted feature raises a drift alert naming it."""
+    _up, _, url = gated_upstream
+    section = model_section(
+        repo=model_repo,
+        stable="v3",
+        versions={"v3": f'{{ url = "{url}", baseline = "{model_repo}/cancer/v2/manifest.json" }}'},
+    )
+    client, serving = await start(
+        write_config(section + "[models.cancer.drift]\nwindow = 200\nlong_window = 1000\n")
+    )
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        rows = cancer_rows[rng.integers(0, len(cancer_rows), 10)]
+        resp = await client.post("/v2/models/cancer/infer", json=infer_body(rows))
+        assert resp.status == 200 and resp.headers["x-model-version"] == "v3"
+    serving.watch.flush()
+    vw = serving.watch.versions[("cancer", "v3")]
+    assert vw.monitor is not None and vw.monitor.judged["short"].psi.max() < 0.25
+    assert vw.holdout_accuracy is not None  # from the baseline manifest's metrics
+    shifted = cancer_rows[:200].copy()
+    shifted[:, 3] += 2 * cancer_rows[:, 3].std()  # mean_area, 2 sd up
+    for i in range(0, 200, 10):
+        resp = await client.post("/v2/models/cancer/infer", json=infer_body(shifted[i : i + 10]))
+        assert resp.status == 200
+    serving.watch.flush()
+    drift = [a for a in serving.alerts.recent() if a["kind"] == "drift" and a["version"] == "v3"]
+    assert any(a.get("feature") == "mean_area" and a["state"] == "firing" for a in drift), drift
+
+
+async def test_bad_remote_baselines_are_refused(
+    write_config: Any, model_repo: Path, gated_upstream: Any, tmp_path: Path
+) -> None:
+    _up, _, url = gated_upstream
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text("{not json")
+    no_baseline = tmp_path / "none.json"
+    no_baseline.write_text('{"name": "x"}')
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text(
+        '{"baseline": {"features": [{"name": "a", "edges": [0, 1], "fractions": [1]}]}}'
+    )
+    for path, why in (
+        (tmp_path / "missing.json", "cannot read"),
+        (bad_json, "not JSON"),
+        (no_baseline, "no baseline.features"),
+        (wrong, "1 features, the remote model takes 30"),
+    ):
+        section = model_section(
+            repo=model_repo,
+            stable="v3",
+            versions={"v3": f'{{ url = "{url}", baseline = "{path}" }}'},
+        )
+        with pytest.raises(ConfigError) as err:
+            await create_serving(write_config(section))
+        assert str(path) in str(err.value) and why in str(err.value), str(err.value)
+    with pytest.raises(ConfigError, match="is for url versions"):
+        write_config(
+            model_section(
+                repo=model_repo,
+                versions={
+                    "v1": f'{{ path = "{model_repo}/cancer/v1", baseline = "{bad_json}" }}',
+                    "v2": f'{{ path = "{model_repo}/cancer/v2" }}',
+                },
+            )
+        )
+
+
+async def test_a_changed_remote_baseline_reloads_the_version(
+    start: Any, write_config: Any, model_repo: Path, gated_upstream: Any, tmp_path: Path
+) -> None:
+    _up, _, url = gated_upstream
+    baseline = tmp_path / "baseline.json"
+    baseline.write_bytes((model_repo / "cancer" / "v2" / "manifest.json").read_bytes())
+    section = model_section(
+        repo=model_repo,
+        stable="v3",
+        versions={"v3": f'{{ url = "{url}", baseline = "{baseline}" }}'},
+    )
+    _client, serving = await start(write_config(section))
+    before = serving.plan.models["cancer"].backends["v3"]
+    done = await serving.reload("test")
+    assert done["outcome"] == "ok" and done["versions_loaded"] == 0  # same file: kept warm
+    baseline.write_bytes((model_repo / "cancer" / "v1" / "manifest.json").read_bytes())
+    done = await serving.reload("test")
+    assert done["outcome"] == "ok" and done["versions_loaded"] == 1
+    after = serving.plan.models["cancer"].backends["v3"]
+    assert after is not before and after.manifest_raw["version"] == "v1"
