@@ -23,6 +23,9 @@ MIRROR_BATCH_ROWS = 256
 # While the serving loop is busy (Serving measures it), a lane mirrors only one request in
 # BUSY_KEEP_EVERY: comparisons go on at a trickle, and the primary pays 1/8 of the mirror's cost.
 BUSY_KEEP_EVERY = 8
+# ...and batches linger this long instead of LINGER_S: at 90%+ utilisation even the per-batch
+# cost (a timer, a thread wake-up, a result callback) shows in every primary's queueing.
+BUSY_LINGER_S = 0.2
 
 
 class MirrorLane:
@@ -163,7 +166,8 @@ class MirrorLane:
             while self._tail > self._head:
                 if self.queued_rows < self.max_batch_rows and self.linger_s > 0:
                     self._full.clear()
-                    timer = asyncio.get_running_loop().call_later(self.linger_s, self._full.set)
+                    linger = max(self.linger_s, BUSY_LINGER_S) if self.busy else self.linger_s
+                    timer = asyncio.get_running_loop().call_later(linger, self._full.set)
                     await self._full.wait()
                     timer.cancel()
                 await self._run_batch()
