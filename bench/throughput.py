@@ -24,16 +24,18 @@ Load:
   Latency counts from each request's scheduled send time, so queueing is not hidden. If the
   generator cannot sustain that rate, the highest rate it sustains is used and labelled so.
 
-The figures are measured in rounds. Each round starts all six servers afresh, warms each up
-with a discarded wrk run, measures run i of every figure, one configuration after another (in
-an order rotated each round), and stops them. Every figure is the median of ``--runs`` runs of
-``--duration`` seconds, and every ratio floor is judged on the median of the per-round ratios
-(configurations measured side by side, seconds apart, on fresh processes): this VM's speed
-drifts by 10-30% over minutes, and one process can stay 10-20% slower than an identical one for
-its whole life, which swamped ratios of figures measured minutes apart on one process each.
-The script prints a markdown table, the floor checks (PASS/FAIL) with every round's ratio,
-mlproxy's batching and mirror counters from /admin/status, and writes everything to
-bench/results/throughput.json.
+The figures are measured in rounds. Each round of the first phase starts all six servers
+afresh, warms each up with a discarded wrk run, measures run i of every 64- and 1-connection
+figure, one configuration after another (in an order rotated each round), and stops them. The
+second phase does the same for the open-loop figures with single and shadow only, at half of
+single's median 64-connection throughput over all of phase 1. Every figure is the median of
+``--runs`` runs of ``--duration`` seconds, and every ratio floor is judged on the median of the
+per-round ratios (configurations measured side by side, seconds apart, on fresh processes): this
+VM's speed drifts by 10-30% over minutes, and one process can stay 10-20% slower than an
+identical one for its whole life, which swamped ratios of figures measured minutes apart on one
+process each. The script prints a markdown table, the floor checks (PASS/FAIL) with every
+round's ratio, mlproxy's batching and mirror counters from /admin/status, and writes everything
+to bench/results/throughput.json.
 
 Run from the repository root (needs wrk, taskset, two cores, and ``mlproxy demo-models``):
 
@@ -478,6 +480,7 @@ def batching_summary(before: dict[str, Any] | None, after: dict[str, Any] | None
             "queue_shed": (b.get("shed") or 0) - (pb.get("shed") or 0),
             "mirror_sent": (mirror.get("sent") or 0) - (pmirror.get("sent") or 0),
             "mirror_dropped": (mirror.get("dropped") or 0) - (pmirror.get("dropped") or 0),
+            "mirror_yielded": (mirror.get("yielded") or 0) - (pmirror.get("yielded") or 0),
             "mirror_failed": (mirror.get("failed") or 0) - (pmirror.get("failed") or 0),
             "mirror_compared": (mirror.get("compared") or 0) - (pmirror.get("compared") or 0),
             "mirror_agreement": mirror.get("agreement"),
@@ -496,9 +499,10 @@ def format_summary(name: str, phase: str, summary: dict[str, Any]) -> list[str]:
             f" {s['batches']} batches, mean {s['mean_rows_per_batch']} rows/batch"
             f" (max {s['max_rows']}), {s['queue_shed']} shed in queue, {s['errors']} errors"
         )
-        if s["mirror_sent"] or s["mirror_dropped"]:
+        if s["mirror_sent"] or s["mirror_dropped"] or s["mirror_yielded"]:
             line += (
                 f"; mirror: {s['mirror_sent']} rows sent, {s['mirror_dropped']} dropped,"
+                f" {s['mirror_yielded']} yielded to a busy loop,"
                 f" {s['mirror_failed']} failed, {s['mirror_compared']} compared,"
                 f" agreement {s['mirror_agreement']}"
             )
@@ -786,15 +790,15 @@ def merge_summaries(parts: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
-    """Rounds of side-by-side runs, each round on freshly started servers.
+    """Rounds of side-by-side runs, each round on freshly started servers (see the module's
+    docstring): phase 1 closed loop with all six, phase 2 open loop with single and shadow.
 
-    Round i starts all six servers, warms each up, and measures run i of every figure, one
-    configuration after another (in a rotated order), then stops them. Why: on this shared VM the
-    speed drifts by 10-30% over minutes, so figures measured minutes apart compared the hour, not
-    the code; and one server process can stay 10-20% slower than an identical one for its whole
-    life (seen with two processes of the same config side by side), so a figure measured on a
-    single process compares that process's luck. Side-by-side runs on fresh processes every
-    round, and ratios taken per round, average both out.
+    Why rounds of fresh processes: on this shared VM the speed drifts by 10-30% over minutes, so
+    figures measured minutes apart compared the hour, not the code; and one server process can
+    stay 10-20% slower than an identical one for its whole life (seen with two processes of the
+    same config side by side), so a figure measured on a single process compares that process's
+    luck. Side-by-side runs on fresh processes every round, and ratios taken per round, average
+    both out. The open-loop rate comes from all of phase 1, not from one round's figure.
     """
     bodies = request_bodies(N_ROWS)
     figures: dict[tuple[str, str], Figure] = {}
@@ -813,23 +817,28 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         write_lua(lua, bodies)
         bodies_file = tmp / "bodies.txt"
         bodies_file.write_bytes(b"\n".join(bodies) + b"\n")
+
+        def start_all(stack: contextlib.ExitStack, names: list[str], i: int) -> dict[str, Server]:
+            log(f"== round {i + 1}/{args.runs}: starting {', '.join(names)}")
+            specs = {spec.name: spec for spec in server_specs()}
+            servers = {
+                n: stack.enter_context(running(specs[n], tmp, args.server_cpu, bodies[0]))
+                for n in names
+            }
+            for name, srv in servers.items():
+                w = run_wrk(srv.base + INFER_PATH, lua, CONNS, args.warmup, args.load_cpu)
+                log(f"   {name} warm-up ({args.warmup} s, discarded): {w['rps']:,.0f} req/s")
+                if w["non_2xx"] or w["socket_errors"]:
+                    warn(
+                        f"{name} warm-up: {w['non_2xx']} non-2xx, {w['socket_errors']} socket errors"
+                    )
+            return servers
+
+        # Phase 1: closed loop, every configuration side by side, fresh servers every round.
         for i in range(args.runs):
             with contextlib.ExitStack() as stack:
-                log(f"== round {i + 1}/{args.runs}: starting the servers")
-                servers: dict[str, Server] = {}
-                for spec in server_specs():
-                    servers[spec.name] = stack.enter_context(
-                        running(spec, tmp, args.server_cpu, bodies[0])
-                    )
+                servers = start_all(stack, [spec.name for spec in server_specs()], i)
                 names = list(servers)
-                for name, srv in servers.items():
-                    w = run_wrk(srv.base + INFER_PATH, lua, CONNS, args.warmup, args.load_cpu)
-                    log(f"   {name} warm-up ({args.warmup} s, discarded): {w['rps']:,.0f} req/s")
-                    if w["non_2xx"] or w["socket_errors"]:
-                        warn(
-                            f"{name} warm-up: {w['non_2xx']} non-2xx,"
-                            f" {w['socket_errors']} socket errors"
-                        )
                 before = {n: servers[n].admin_status() for n in names}
                 log(f"== round {i + 1}/{args.runs}: {CONNS} connections")
                 for name in rotated(names, i):
@@ -843,7 +852,6 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                         f" socket errors {r['socket_errors']}"
                     )
                 after = {n: servers[n].admin_status() for n in names}
-
                 log(f"== round {i + 1}/{args.runs}: 1 connection")
                 for name in rotated(["inline-onnx", "single"], i):
                     url = servers[name].base + INFER_PATH
@@ -854,10 +862,22 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                         f"   {name}: {r['rps']:,.0f} req/s, p50 {r['p50_ms']:.3f} ms,"
                         f" p99 {r['p99_ms']:.3f} ms"
                     )
+                for name, srv in servers.items():
+                    if srv.spec.kind == "mlproxy":
+                        p = parts.setdefault(name, {"c64": [], "open": []})
+                        p["c64"].append(batching_summary(before[name], after[name]))
+                        ends.setdefault(name, []).append(after[name])
+                log(f"== round {i + 1}/{args.runs}: stopping the servers")
 
-                if open_rate is None:  # the rate is set once, from the first round
-                    open_target = (fig("single", "c64").median("rps") or 0.0) / 2
-                    log(f"== open-loop rate: half of single's {2 * open_target:,.0f} req/s")
+        # Phase 2: open loop at half of single's capacity (its median over every round of
+        # phase 1), single and shadow side by side, fresh servers every round.
+        open_target = (fig("single", "c64").median("rps") or 0.0) / 2
+        fixed = ["single", "shadow"]
+        for i in range(args.runs):
+            with contextlib.ExitStack() as stack:
+                servers = start_all(stack, fixed, i)
+                if open_rate is None:
+                    log(f"== open-loop rate: half of single's median {2 * open_target:,.0f} req/s")
                     open_rate = open_loop_rate(servers["single"], bodies_file, open_target, args)
                     if open_rate < open_target:
                         open_note = (
@@ -865,9 +885,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                             f" {open_target:,.0f} req/s = half of single's capacity)"
                         )
                         warn(f"open loop: {open_note.strip(' ()')}; used {open_rate:,.0f} req/s")
-                before_open = {n: servers[n].admin_status() for n in names}
+                before_open = {n: servers[n].admin_status() for n in fixed}
                 log(f"== round {i + 1}/{args.runs}: open loop @ {open_rate:,.0f} req/s")
-                for name in rotated(["single", "shadow"], i):
+                for name in rotated(fixed, i):
                     r = run_open_loop(
                         servers[name].port,
                         bodies_file,
@@ -879,21 +899,15 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                     r["round"] = i
                     fig(name, "open").runs.append(r)
                     log_open(name, r)
-                end = {n: servers[n].admin_status() for n in names}
-                for name, srv in servers.items():
-                    if srv.spec.kind != "mlproxy":
-                        continue
-                    p = parts.setdefault(name, {"c64": [], "open": []})
-                    p["c64"].append(batching_summary(before[name], after[name]))
-                    if name in ("single", "shadow"):
-                        p["open"].append(batching_summary(before_open[name], end[name]))
-                    ends.setdefault(name, []).append(end[name])
+                for name in fixed:
+                    end = servers[name].admin_status()
+                    parts[name]["open"].append(batching_summary(before_open[name], end))
                 log(f"== round {i + 1}/{args.runs}: stopping the servers")
     diagnostics = {
         name: {
             "c64": merge_summaries(p["c64"]),
             "open": merge_summaries(p["open"]),
-            "status_end_per_round": ends[name],
+            "status_after_64_conns_per_round": ends[name],
         }
         for name, p in parts.items()
     }
