@@ -39,7 +39,7 @@ to bench/results/throughput.json.
 
 Run from the repository root (needs wrk, taskset, two cores, and ``mlproxy demo-models``):
 
-    .venv/bin/python bench/throughput.py                       # 5 rounds x 6 s: about 9 minutes
+    .venv/bin/python bench/throughput.py                       # 5 rounds x 6 s: about 8 minutes
     .venv/bin/python bench/throughput.py --runs 1 --duration 3 # a quick look
     .venv/bin/python bench/throughput.py --quick               # the same, to throughput-quick.json
 """
