@@ -25,6 +25,9 @@ def blue_green(repo: Path, active: str) -> str:
     )
 
 
+AFTER = 30  # requests that must be answered after each blue-green flip
+
+
 def rewrite(path: Path, models: str) -> None:
     path.write_text(BASE_CONFIG.format(max_body=4194304, max_inflight=512) + models)
 
@@ -35,34 +38,39 @@ async def test_reload_flips_blue_green_under_load_without_a_failed_request(
     config = write_config(blue_green(model_repo, "blue"))
     client, serving = await start(config)
     body = infer_body(cancer_rows[:1])
-    seen: list[tuple[int, str]] = []
+    seen: list[tuple[int, str, int]] = []  # (status, version, flips done when it started)
     stop = asyncio.Event()
+    flips_done = 0
+    answered_after_flip = asyncio.Event()
 
     async def user() -> None:
         for _ in range(10_000):  # bounded; ends when the test says so
             if stop.is_set():
                 return
+            started = flips_done
             resp = await client.post("/v2/models/cancer/infer", json=body)
-            seen.append((resp.status, resp.headers.get("x-model-version", "")))
+            seen.append((resp.status, resp.headers.get("x-model-version", ""), started))
             await resp.read()
+            if sum(1 for *_, st in seen[-AFTER:] if st == flips_done) >= AFTER:
+                answered_after_flip.set()  # AFTER requests that started after the swap answered
 
     users = [asyncio.ensure_future(user()) for _ in range(8)]
     flips = ["green", "blue", "green"]
     for active in flips:
-        mark = len(seen)
         rewrite(Path(config.source), blue_green(model_repo, active))
         result = await serving.reload("test")
         assert result["outcome"] == "ok", result
+        flips_done += 1
+        answered_after_flip.clear()
+        # AFTER requests that started after the swap have been answered (bounded: 30 s)
+        await asyncio.wait_for(answered_after_flip.wait(), timeout=30)
         want = "v2" if active == "green" else "v1"
-        for _ in range(2000):  # requests that started after the swap answer from the new version
-            if len(seen) > mark + 50:
-                break
-            await asyncio.sleep(0)
-        assert seen[-1][1] == want
+        after = [v for _, v, started in seen if started == flips_done]
+        assert after and all(v == want for v in after), (active, after[:10])
     stop.set()
     await asyncio.gather(*users)
-    assert all(status == 200 for status, _ in seen), [s for s in seen if s[0] != 200][:5]
-    assert len(seen) > 100 and serving.reloads == {"ok": 3, "error": 0}
+    assert all(status == 200 for status, _, _ in seen), [s for s in seen if s[0] != 200][:5]
+    assert len(seen) >= AFTER * len(flips) and serving.reloads == {"ok": 3, "error": 0}
 
 
 async def test_unchanged_versions_stay_warm_and_changed_ones_reload(
