@@ -264,6 +264,15 @@ def monitor_doc(serving: Serving) -> dict[str, Any]:
                     "long": _round(vw.accuracy.accuracy("long")) if vw else None,
                     "holdout": vw.holdout_accuracy if vw else None,
                 },
+                "mae": (
+                    {
+                        "short": _round(vw.accuracy.mae("short")),
+                        "long": _round(vw.accuracy.mae("long")),
+                        "holdout": vw.holdout_mae,
+                    }
+                    if vw and vw.accuracy.regression
+                    else None
+                ),
                 "rates": mon.rates() if mon else {"out_of_range": None, "duplicates": None},
             }
             if mon is not None:

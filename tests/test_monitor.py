@@ -437,7 +437,7 @@ async def send_prices(client: Any, x: np.ndarray[Any, Any]) -> list[tuple[str, f
 
 
 async def test_regression_output_drift_and_mae_concept_drift(
-    start: Any, write_config: Any, regression_repo: Any
+    start: Any, write_config: Any, regression_repo: Any, aiohttp_client: Any
 ) -> None:
     """A regression model's output is watched like a feature (`variable`), and fed-back true
     values give a rolling MAE, judged against the manifest's holdout MAE."""
@@ -470,6 +470,14 @@ async def test_regression_output_drift_and_mae_concept_drift(
     fired = [a for a in serving.alerts.recent() if a["kind"] == "concept_drift"]
     assert fired and fired[0]["state"] == "firing" and fired[0]["statistic"] == "mae"
     assert fired[0]["value"] > holdout_mae * 1.5
+    # the admin API and /metrics show it; the dashboard reads the same "mae" block
+    admin = await aiohttp_client(create_admin_app(serving))
+    monitor = await (await admin.get("/admin/monitor")).json()
+    r1 = monitor["models"]["prices"]["versions"]["r1"]
+    assert r1["mae"]["holdout"] == holdout_mae and r1["mae"]["short"] > holdout_mae * 1.5
+    text = await (await admin.get("/metrics")).text()
+    assert 'mlproxy_mae{model="prices",version="r1",window="short"}' in text
+    assert 'mlproxy_holdout_mae{model="prices",version="r1"}' in text
 
     # the output distribution moves when the inputs push it: output drift, named `variable`
     await send_prices(client, x[:200] + np.array([2.0, -2.0, 0.0, 0.0]))
