@@ -116,38 +116,40 @@ class MirrorLane:
         if queued + n > self.queue_rows:
             self.stats.dropped += n
             return
-        if self._x is None or not self._fits(x, primary):
+        if not self._append(x, primary, n):
             if queued:  # the primary's output schema changed under queued rows: keep it simple
                 self.stats.dropped += n
                 return
-            self._allocate(x, primary)
-        assert self._x is not None
-        if self._tail + n > self.queue_rows:  # slide what is queued back to the start
-            self._x[:queued] = self._x[self._head : self._tail]
-            for buf in self._out.values():
-                buf[:queued] = buf[self._head : self._tail]
-            self._head, self._tail = 0, queued
-        end = self._tail + n
-        self._x[self._tail : end] = x
-        for name, buf in self._out.items():
-            buf[self._tail : end] = primary[name]
-        self._tail = end
+            self._allocate(x, primary)  # the first offer, or a new schema on an empty queue
+            if not self._append(x, primary, n):
+                self.stats.dropped += n
+                return
         self.stats.sent += n
         if queued + n >= min(self.max_batch_rows, self.queue_rows):
             self._full.set()  # a full batch, or a full queue: waiting longer only drops rows
         self._idle.clear()
         self._wake.set()
 
-    def _fits(self, x: Array, primary: dict[str, Array]) -> bool:
-        assert self._x is not None
-        if x.shape[1:] != self._x.shape[1:] or x.dtype != self._x.dtype:
+    def _append(self, x: Array, primary: dict[str, Array], n: int) -> bool:
+        """Copy rows and answers in; False if there is no buffer yet or they do not fit its
+        schema (the copy itself is the check: no per-request shape comparisons)."""
+        if self._x is None:
             return False
-        if primary.keys() != self._out.keys():
+        queued = self._tail - self._head
+        if self._tail + n > self.queue_rows:  # slide what is queued back to the start
+            self._x[:queued] = self._x[self._head : self._tail]
+            for buf in self._out.values():
+                buf[:queued] = buf[self._head : self._tail]
+            self._head, self._tail = 0, queued
+        end = self._tail + n
+        try:
+            self._x[self._tail : end] = x
+            for name, buf in self._out.items():
+                buf[self._tail : end] = primary[name]
+        except (KeyError, ValueError, TypeError):
             return False
-        return all(
-            v.shape[1:] == self._out[k].shape[1:] and v.dtype == self._out[k].dtype
-            for k, v in primary.items()
-        )
+        self._tail = end
+        return True
 
     def _allocate(self, x: Array, primary: dict[str, Array]) -> None:
         rows = self.queue_rows
