@@ -24,6 +24,15 @@ def remote_config(model_repo: Path, url: str, timeout_ms: int = 2000) -> str:
     )
 
 
+def watched_remote(model_repo: Path, url: str, baseline: Path | str) -> str:
+    """v3 (stable): the remote upstream, watched on `baseline`."""
+    return model_section(
+        repo=model_repo,
+        stable="v3",
+        versions={"v3": f'{{ url = "{url}", baseline = "{baseline}" }}'},
+    )
+
+
 async def test_remote_version_answers_like_the_local_one(
     start: Any, write_config: Any, model_repo: Path, gated_upstream: Any, cancer_rows: Any
 ) -> None:
@@ -118,11 +127,7 @@ async def test_remote_version_with_a_baseline_is_watched_for_drift(
     """`baseline = <manifest.json>` on a url version: its answers are binned and judged like a
     local version's; a shifted feature raises a drift alert naming it."""
     _up, _, url = gated_upstream
-    section = model_section(
-        repo=model_repo,
-        stable="v3",
-        versions={"v3": f'{{ url = "{url}", baseline = "{model_repo}/cancer/v2/manifest.json" }}'},
-    )
+    section = watched_remote(model_repo, url, model_repo / "cancer" / "v2" / "manifest.json")
     client, serving = await start(
         write_config(section + "[models.cancer.drift]\nwindow = 200\nlong_window = 1000\n")
     )
@@ -163,11 +168,7 @@ async def test_bad_remote_baselines_are_refused(
         (no_baseline, "no baseline.features"),
         (wrong, "1 features, the remote model takes 30"),
     ):
-        section = model_section(
-            repo=model_repo,
-            stable="v3",
-            versions={"v3": f'{{ url = "{url}", baseline = "{path}" }}'},
-        )
+        section = watched_remote(model_repo, url, path)
         with pytest.raises(ConfigError) as err:
             await create_serving(write_config(section))
         assert str(path) in str(err.value) and why in str(err.value), str(err.value)
@@ -189,11 +190,7 @@ async def test_a_changed_remote_baseline_reloads_the_version(
     _up, _, url = gated_upstream
     baseline = tmp_path / "baseline.json"
     baseline.write_bytes((model_repo / "cancer" / "v2" / "manifest.json").read_bytes())
-    section = model_section(
-        repo=model_repo,
-        stable="v3",
-        versions={"v3": f'{{ url = "{url}", baseline = "{baseline}" }}'},
-    )
+    section = watched_remote(model_repo, url, baseline)
     _client, serving = await start(write_config(section))
     before = serving.plan.models["cancer"].backends["v3"]
     done = await serving.reload("test")
