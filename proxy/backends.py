@@ -13,8 +13,9 @@ import numpy as np
 import orjson
 
 from .batching import Batcher, Observer, inline_limit_s
-from .config import BatchingConfig, LimitsConfig, VersionConfig
+from .config import BatchingConfig, LimitsConfig
 from .errors import ModelLoadError, UpstreamError, UpstreamTimeoutError
+from .model_config import VersionConfig
 from .protocol import TensorSpec, decode_infer_response, encode_infer_request, parse_tensor_specs
 from .repository import OnnxModel
 from .runner import Runners, usable_cpus

@@ -10,8 +10,9 @@ from dataclasses import dataclass, field
 import aiohttp
 
 from .backends import Backend, LocalBackend, create_backend
-from .config import Config, ModelConfig, VersionConfig
+from .config import Config
 from .errors import ConfigError, ModelLoadError
+from .model_config import ModelConfig, VersionConfig
 from .monitor.stats import VersionStats
 from .repository import MODEL_FILE, sha256_file
 from .routing import Strategy, create_strategy

@@ -11,7 +11,7 @@ from typing import Any, Literal
 import numpy as np
 import orjson
 
-from .config import CanaryConfig, ModelConfig
+from .model_config import CanaryConfig, ModelConfig
 from .monitor.stats import LatencyHistogram, VersionStats
 from .state import Alerts, AuditLog, StateFile
 

@@ -6,7 +6,7 @@ import hashlib
 import math
 from dataclasses import dataclass
 
-from .config import ModelConfig
+from .model_config import ModelConfig
 
 _TWO_64 = float(2**64)
 

@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 
 from .backends import LocalBackend
-from .config import AlertsConfig, DriftConfig
+from .config import AlertsConfig
+from .model_config import DriftConfig
 from .monitor.feedback import AccuracyTracker, PredictionStore
 from .monitor.stats import LatencyHistogram
 from .monitor.tracker import Baseline, DriftEvent, VersionMonitor
