@@ -18,7 +18,6 @@ from .monitor.feedback import AccuracyTracker, PredictionStore
 from .monitor.stats import LatencyHistogram
 from .monitor.tracker import Baseline, DriftEvent, VersionMonitor
 from .plan import Plan
-from .protocol import generated_seq
 from .state import Alerts
 
 Array = np.ndarray[Any, Any]
@@ -160,7 +159,7 @@ class Watch:
     def join(self, model: str, request_id: str, truth: Array) -> tuple[str, int] | str:
         """Join ground truth to a stored prediction; (version, rows) or the reason it failed."""
         store = self.predictions.get(model)
-        pred = None if store is None else store.pop(request_id)
+        pred = None if store is None else store.get(request_id)  # taken out once it joins
         if pred is None:
             key = (model, "unknown_id")
             self.feedback[key] = self.feedback.get(key, 0) + 1
@@ -169,10 +168,7 @@ class Watch:
                 f"no stored prediction for id {request_id!r}: never answered by {model}, already"
                 f" joined, or dropped (only the last {kept} predictions are kept)"
             )
-        if truth.shape != pred.labels.shape:
-            assert store is not None
-            seq = generated_seq(request_id)  # put it back: the client can fix its call
-            store.put(request_id, pred.version, pred.labels, -1 if seq is None else seq)
+        if truth.shape != pred.labels.shape:  # left stored: the client can fix its call
             return (
                 f"label has shape {list(truth.shape)} but request {request_id!r} predicted"
                 f" {list(pred.labels.shape)} rows; send one label per input row"
@@ -181,13 +177,12 @@ class Watch:
         if vw is None:
             return f"version {pred.version} of {model} is no longer watched"
         if not vw.accuracy.regression and truth.dtype.kind not in "iub":
-            assert store is not None
-            seq = generated_seq(request_id)
-            store.put(request_id, pred.version, pred.labels, -1 if seq is None else seq)
             return (
                 f"{model}/{pred.version} is a classifier: label must be an integer class (or a"
                 " list of them), not a fractional number"
             )
+        assert store is not None
+        store.pop(request_id)
         vw.accuracy.record(pred.labels, truth)
         key = (model, "joined")
         self.feedback[key] = self.feedback.get(key, 0) + 1

@@ -76,12 +76,16 @@ class PredictionStore:
         self._slot[request_id] = k
         self._next = k + 1 if k + 1 < self.capacity else 0
 
-    def pop(self, request_id: str) -> Prediction | None:
-        k = self._slot.pop(request_id, None)
+    def get(self, request_id: str, *, remove: bool = False) -> Prediction | None:
+        """The stored prediction for `request_id` (None if never kept, joined or dropped);
+        `remove` takes it out (a prediction is joined once)."""
+        k = self._slot.get(request_id)
         if k is not None:
             labels, version = self._labels[k], self._versions[k]
-            self._ids[k] = None
-            self._labels[k] = None
+            if remove:
+                del self._slot[request_id]
+                self._ids[k] = None
+                self._labels[k] = None
         else:
             seq = generated_seq(request_id)
             if seq is None:
@@ -90,10 +94,14 @@ class PredictionStore:
             labels, version = self._seq_labels[k], self._seq_versions[k]
             if labels is None or self._seqs[k] != seq:
                 return None
-            self._seq_labels[k] = None
-            self._seq_live -= 1
+            if remove:
+                self._seq_labels[k] = None
+                self._seq_live -= 1
         assert labels is not None
         return Prediction(version, np.atleast_1d(np.asarray(labels)))
+
+    def pop(self, request_id: str) -> Prediction | None:
+        return self.get(request_id, remove=True)
 
     def __len__(self) -> int:
         return len(self._slot) + self._seq_live
