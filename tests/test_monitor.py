@@ -66,6 +66,120 @@ def test_statistics_on_known_distributions() -> None:
     assert chi_square(np.array([0.5, 0.5]), np.array([90, 10]))[1] < 1e-6
 
 
+def reference_bins(manifest: dict[str, Any], x: np.ndarray) -> list[np.ndarray]:
+    """Per feature, packaging's rule: searchsorted on the inner edges (side right), with values
+    below min in an underflow bin (0) and above max in an overflow bin (B + 1)."""
+    out = []
+    for i, f in enumerate(manifest["baseline"]["features"]):
+        e = np.asarray(f["edges"], dtype=np.float64)
+        v = x[:, i].astype(np.float64)
+        inner = np.clip(np.searchsorted(e[1:-1], v, side="right"), 0, len(e) - 2) + 1
+        out.append(np.where(v < f["min"], 0, np.where(v > f["max"], len(e), inner)))
+    return out
+
+
+def reference_counts(manifest: dict[str, Any], x: np.ndarray) -> list[np.ndarray]:
+    """Per feature, the counts of `reference_bins`: [under, bins..., over]."""
+    return [
+        np.bincount(b, minlength=len(f["edges"]) + 1)
+        for b, f in zip(reference_bins(manifest, x), manifest["baseline"]["features"], strict=True)
+    ]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_uneven_batches_count_what_per_feature_binning_counts(v1: OnnxModel, dtype: Any) -> None:
+    """Rows come in batches of 1..70 and are binned in sub-window chunks on one shared axis:
+    the counts must equal a plain per-feature searchsorted, including values sitting exactly on
+    an edge, at the minimum, at the maximum and outside the range; a judged window holds exactly
+    `window` rows, and its KS/JS/chi-square (computed when read) equal the reference functions."""
+    raw = v1.manifest.raw
+    base = Baseline.from_manifest(raw)
+    assert base is not None
+    rng = np.random.default_rng(7)
+    edges = [np.asarray(f["edges"], dtype=np.float32) for f in raw["baseline"]["features"]]
+    x = ROWS[rng.integers(0, len(ROWS), 3000)].copy()
+    on_edges = rng.random(x.shape) < 0.3  # 30% of values exactly on one of their feature's edges
+    for i, e in enumerate(edges):
+        picks = e[rng.integers(0, len(e), x.shape[0])]
+        x[:, i] = np.where(on_edges[:, i], picks, x[:, i])
+    x[::97] *= 3.0  # some rows far above the training range
+    x[::89] -= 1e4  # and some below it
+    mon = VersionMonitor(base, 2000, 20000, 0.1, 0.25)
+    done = 0
+    while done < len(x):
+        n = int(rng.integers(1, 71))
+        batch = x[done : done + n]
+        mon.record(batch.astype(dtype), v1.run(batch))
+        done += batch.shape[0]
+        if done < 2000:  # before a window is complete, only whole sub-windows were binned
+            assert int(mon.cumulative[0]) % mon.short.sub_rows == 0
+    mon.flush()
+    lay = mon.layout
+    got = mon.cumulative[lay.features].reshape(base.n_features, base.width)
+    for i, ref in enumerate(reference_counts(raw, x)):
+        assert got[i, : ref.size].tolist() == ref.tolist(), raw["baseline"]["features"][i]["name"]
+        assert got[i, ref.size :].sum() == 0
+    assert int(mon.cumulative[0]) == len(x)
+    out_of_range = sum(int(r[0] + r[-1]) for r in reference_counts(raw, x))
+    assert int(mon.cumulative[1]) == out_of_range > 0
+    j = mon.judged["short"]
+    assert j.rows == 2000 == int(mon.short.total[0])
+    window = mon.short.total[lay.features].reshape(base.n_features, base.width)
+    for i in (0, AREA, base.n_features - 1):
+        assert float(j.psi[i]) == pytest.approx(psi(base.fractions[i], window[i]), rel=1e-9)
+        assert float(j.ks[i]) == pytest.approx(ks(base.fractions[i], window[i]), abs=1e-12)
+        assert float(j.js[i]) == pytest.approx(js(base.fractions[i], window[i]), abs=1e-9)
+    assert base.label_fractions is not None
+    expected_p = chi_square(base.label_fractions, mon.short.total[lay.labels])[1]
+    assert j.chi2_p == pytest.approx(expected_p)
+
+
+def test_binning_is_exact_at_edges_zeros_and_float_neighbours() -> None:
+    """Edges that are no float32 (0.1), a float32's next float64 (14.000000000000002, as
+    quantile interpolation makes them), -0.0 against 0.0, negatives and huge values: every
+    float32 and float64 value lands where a plain searchsorted of the raw edges puts it."""
+    feats = [
+        [-5.0, -1.0, -1e-30, 0.0, 0.1, 2.0],
+        [7.691, 14.0, 14.000000000000002, 15.1, 28.11],
+        [-3e38, -1.0, 1.0, 3e38],
+        [0.0, 0.0, 1e-45, 1.0],  # tied quantiles, as np.unique leaves them
+    ]
+    manifest = {
+        "baseline": {
+            "features": [
+                {
+                    "name": f"f{i}",
+                    "edges": e,
+                    "fractions": [1.0 / (len(e) - 1)] * (len(e) - 1),
+                    "min": e[0],
+                    "max": e[-1],
+                }
+                for i, e in enumerate(feats)
+            ]
+        }
+    }
+    base = Baseline.from_manifest(manifest)
+    assert base is not None
+    rng = np.random.default_rng(3)
+    cols = []
+    for e in feats:
+        e64 = np.asarray(e)
+        around = np.concatenate(
+            [e64, np.nextafter(e64, np.inf), np.nextafter(e64, -np.inf), [-0.0, 0.0, 5e-46]]
+        )
+        as32 = around.astype(np.float32)
+        near = np.concatenate([as32, np.nextafter(as32, np.float32(np.inf))]).astype(np.float64)
+        picks = np.concatenate([around, near, rng.uniform(min(e), max(e), 40)])
+        cols.append(rng.choice(picks, 400))
+    x64 = np.stack(cols, axis=1)
+    with np.errstate(over="ignore"):
+        x32 = x64.astype(np.float32)
+    for x in (x32, x64):
+        got = base.bin(x) - np.arange(len(feats)) * base.width
+        for i, ref in enumerate(reference_bins(manifest, x.astype(np.float64))):
+            assert got[:, i].tolist() == ref.tolist(), (x.dtype, i)
+
+
 def test_clean_traffic_raises_nothing_over_five_windows(v1: OnnxModel) -> None:
     rng = np.random.default_rng(1)
     mon = VersionMonitor(Baseline.from_manifest(v1.manifest.raw), 2000, 20000, 0.1, 0.25)  # type: ignore[arg-type]

@@ -1,11 +1,13 @@
 """Streaming histograms of one version's inputs and outputs, in sliding windows, judged for drift.
 
-Everything is a numpy count vector: no row is kept. Rows are binned in bulk (one pass of numpy
-calls per flush, whatever the number of features), per-feature bins come from the manifest's
-baseline (plus an underflow and an overflow bin), and two sliding windows (`window` and
-`long_window` rows) are rings of sub-window count vectors. Each time the short window moves on
-a sub-window, every feature and output is scored against the baseline (PSI, KS, JS; chi-square
-for class counts) in both windows.
+Everything is a numpy count vector: no row is kept. Rows are buffered (a list of the batches'
+own arrays) until they complete a sub-window of the short window, then binned in bulk (one pass
+of numpy calls, whatever the number of features). Per-feature bins come from the manifest's
+baseline (plus an underflow and an overflow bin), and a value is binned exactly as packaging
+binned the training rows. Two sliding windows (`window` and `long_window` rows) are rings of
+sub-window count vectors. Each time the short window moves on a sub-window, every feature and
+output gets its PSI against the baseline in both windows; KS, JS and chi-square are computed
+when a reader asks.
 """
 
 from __future__ import annotations
@@ -34,8 +36,6 @@ class Baseline:
 
     names: list[str]  # features, then outputs ("label", "probabilities[k]" or "variable")
     n_features: int
-    mins: Array  # [F]
-    maxs: Array  # [F]
     width: int  # bins per feature including under/overflow
     fractions: Array  # [F, width] baseline fractions (under/over: 0)
     classes: Array | None  # class values (classification)
@@ -45,11 +45,16 @@ class Baseline:
     holdout_accuracy: float | None
     task: str
     nbins: Array  # [F] bins per feature (the manifest's, fewer where quantiles tied)
-    boundaries: Array  # all features' bin boundaries on one increasing axis (see Baseline.bin)
-    offsets: Array  # [F] index of each feature's first boundary in `boundaries`
-    scale: Array  # [F] 1 / (max - min)
+    keys: Array  # float32 inputs: every feature's boundaries as order keys, one increasing array
+    lanes: Array  # [F] uint64: feature i's index in the high half of its keys
+    offsets: Array  # [F] index of each feature's first boundary in `keys`
+    shift: Array  # [F] from a position in `keys` to the feature's slot in a flat count vector
+    under: Array  # [F] where each feature's underflow is counted in the flat feature counts
+    over: Array  # [F] and its overflow (right after its bins)
+    edges64: list[Array]  # other inputs: per feature [min, inner edges, the float after max]
     var_edges: Array | None = None  # regression output: its edges, the last nudged up
     var_fractions: Array | None = None  # [B + 2]: underflow 0, its bins, overflow 0
+    prob_inner: Array | None = None  # prob_edges without the first and last
 
     @classmethod
     def from_manifest(cls, raw: dict[str, Any]) -> Baseline | None:
@@ -61,23 +66,23 @@ class Baseline:
         width = max(len(f["edges"]) - 1 for f in feats) + 2
         fractions = np.zeros((n, width))
         nbins = np.zeros(n, dtype=np.int64)
-        mins = np.asarray([f["min"] for f in feats], dtype=np.float64)
-        maxs = np.asarray([f["max"] for f in feats], dtype=np.float64)
-        spans = np.where(maxs > mins, maxs - mins, 1.0)
-        bounds: list[float] = []
+        lanes = np.arange(n, dtype=np.uint64) << np.uint64(32)  # high half of a feature's keys
+        keys: list[Array] = []
+        edges64: list[Array] = []
         offsets = np.zeros(n, dtype=np.int64)
         for i, f in enumerate(feats):
             edges = np.asarray(f["edges"], dtype=np.float64)
-            inner = edges[1:-1]
             fr = np.asarray(f["fractions"], dtype=np.float64)
             fractions[i, 1 : 1 + fr.size] = fr  # underflow 0, bins, overflow (then zero padding)
             nbins[i] = fr.size
-            # Feature i lives on [3i + 0.5, 3i + 2.5] of one shared axis: its minimum maps to
-            # 3i + 1 and its maximum to 3i + 2 (nudged up, so the maximum itself is in range).
-            offsets[i] = len(bounds)
-            axis = 3 * i + 1 + (np.concatenate([[mins[i]], inner, [maxs[i]]]) - mins[i]) / spans[i]
-            axis[-1] = np.nextafter(axis[-1], np.inf)
-            bounds.extend(axis.tolist())
+            # A value v is in bin searchsorted(bounds, v, side="right") of bounds = [min, the
+            # inner edges, the float after max]: 0 below min, B + 1 above max (as packaging bins).
+            lo, hi = float(f["min"]), float(f["max"])
+            bounds = np.concatenate([[lo], edges[1:-1], [np.nextafter(hi, np.inf)]])
+            edges64.append(bounds)
+            first32 = [f32_at_least(e) for e in bounds[:-1]] + [f32_above(hi)]
+            offsets[i] = sum(k.size for k in keys)
+            keys.append(order_keys(np.array(first32, dtype=np.float32)).astype(np.uint64) | lanes[i])
         outs = base.get("outputs", {})
         classes = label_fr = prob_edges = prob_fr = var_edges = var_fr = None
         var = outs.get("variable")
@@ -99,8 +104,6 @@ class Baseline:
         return cls(
             names=names,
             n_features=n,
-            mins=mins,
-            maxs=maxs,
             width=width,
             fractions=fractions,
             classes=classes,
@@ -110,26 +113,66 @@ class Baseline:
             holdout_accuracy=holdout.get("accuracy"),
             task=str(raw.get("task", "classification")),
             nbins=nbins,
-            boundaries=np.asarray(bounds),
+            keys=np.concatenate(keys),
+            lanes=lanes,
             offsets=offsets,
-            scale=1.0 / spans,
+            shift=offsets - np.arange(n) * width,
+            under=np.arange(n) * width,
+            over=np.arange(n) * width + nbins + 1,
+            edges64=edges64,
             var_edges=var_edges,
             var_fractions=var_fr,
+            prob_inner=None if prob_edges is None else prob_edges[1:-1].copy(),
         )
 
     def bin(self, x: Array) -> Array:
-        """Bin index of every value, [n, F]: 0 underflow, 1..B the feature's bins, B+1 overflow.
+        """Where every value of x [n, F] is counted: feature i's bin j is at i * width + j, with
+        j = 0 the underflow, 1..B the feature's bins and B+1 the overflow. Exact: a value on an
+        edge is counted where packaging counted the training rows.
 
-        One searchsorted for all features: each feature's values are mapped onto its own stretch
-        of a shared axis, where the boundaries of every feature sit in increasing order.
+        float32 rows (ONNX models' usual input) take one searchsorted for all features: each
+        value becomes a uint64 whose high half is its feature and whose low half orders like
+        the float, and the boundaries are keyed alike. Other dtypes take one per feature.
         """
-        lanes = 3.0 * np.arange(self.n_features)
-        z = (x - self.mins) * self.scale + (lanes + 1.0)
-        np.maximum(z, lanes + 0.5, out=z)  # two ufuncs: cheaper than np.clip's wrapper
-        np.minimum(z, lanes + 2.5, out=z)
-        pos = np.searchsorted(self.boundaries, z.ravel(), side="right").reshape(z.shape)
-        local: Array = pos - self.offsets
-        return local
+        if x.dtype == np.float32:
+            k = order_keys(np.ascontiguousarray(x)).astype(np.uint64)
+            k |= self.lanes
+            pos: Array = np.searchsorted(self.keys, k.ravel(), side="right").reshape(x.shape)
+            pos -= self.shift
+            return pos
+        out = np.empty(x.shape, dtype=np.int64)
+        for i, bounds in enumerate(self.edges64):
+            col = x[:, i].astype(np.float64, copy=False)
+            out[:, i] = np.searchsorted(bounds, col, side="right") + self.under[i]
+        return out
+
+
+SIGN = np.uint32(0x80000000)
+
+
+def order_keys(v: Array) -> Array:
+    """float32 -> uint32 that sorts like the floats (negatives flipped below the positives;
+    -0.0 just below +0.0, which `f32_at_least` accounts for)."""
+    negative = (v.view(np.int32) >> 31).view(np.uint32)  # all ones where the sign bit is set
+    keys: Array = v.view(np.uint32) ^ (negative | SIGN)
+    return keys
+
+
+def f32_at_least(e: float) -> np.float32:
+    """The smallest float32 g with g >= e: for every float32 v, v >= e exactly when v >= g."""
+    with np.errstate(over="ignore"):
+        g = np.float32(e)
+    if float(g) < e:
+        g = np.nextafter(g, np.float32(np.inf))
+    return np.float32(-0.0) if g == 0 else g  # -0.0 >= 0.0 too: the lower of the two keys
+
+
+def f32_above(e: float) -> np.float32:
+    """The smallest float32 g with g > e: for every float32 v, v > e exactly when v >= g."""
+    g = f32_at_least(e)
+    if float(g) <= e:
+        g = np.nextafter(g, np.float32(np.inf))
+    return g
 
 
 class Layout:
@@ -146,6 +189,7 @@ class Layout:
         self.variable = slice(self.probs.stop, self.probs.stop + self.var_width)
         self.size = self.variable.stop
         self.n_classes, self.prob_bins = c, pb
+        self.prob_offsets = np.arange(c) * pb  # class k's probability bins start here
         # every distribution is one row of this width when drift is scored
         self.width = max(b.width, c, pb, self.var_width)
 
@@ -177,15 +221,60 @@ class Window:
         return len(self.ring) == SUBWINDOWS
 
 
-@dataclass(slots=True)
 class Judgement:
-    """Drift scores of one window: per distribution (features, then outputs) and statistic."""
+    """Drift scores of one window: per distribution (features, then outputs) and statistic.
 
-    rows: int
-    psi: Array
-    ks: Array
-    js: Array
-    chi2_p: float | None
+    PSI is computed when the window is judged (it drives the alerts); KS, JS and the class
+    counts' chi-square p-value are computed the first time a reader asks for them, from the
+    fractions kept here: a window is judged every `window / 10` rows, read once per scrape.
+    """
+
+    __slots__ = ("_chi", "_chi2_p", "_expected", "_js", "_ks", "_labels", "_q", "psi", "rows")
+
+    def __init__(
+        self,
+        rows: int,
+        psi: Array,
+        expected: Array,
+        q: Array,
+        label_fractions: Array | None = None,
+        label_counts: Array | None = None,
+    ) -> None:
+        self.rows = rows
+        self.psi = psi
+        self._expected, self._q = expected, q
+        self._labels = (label_fractions, label_counts)
+        self._ks: Array | None = None
+        self._js: Array | None = None
+        self._chi = False
+        self._chi2_p: float | None = None
+
+    @property
+    def ks(self) -> Array:
+        if self._ks is None:
+            cdf_gap = np.cumsum(self._q, axis=1) - np.cumsum(self._expected, axis=1)
+            self._ks = np.max(np.abs(cdf_gap), axis=1)
+        return self._ks
+
+    @property
+    def js(self) -> Array:
+        if self._js is None:
+            p, q = self._expected, self._q
+            m = (p + q) / 2.0
+            with np.errstate(divide="ignore", invalid="ignore"):
+                kl_p = np.where(p > 0, p * np.log2(p / m), 0.0).sum(axis=1)
+                kl_q = np.where(q > 0, q * np.log2(q / m), 0.0).sum(axis=1)
+            self._js = np.sqrt(np.maximum(0.5 * kl_p + 0.5 * kl_q, 0.0))
+        return self._js
+
+    @property
+    def chi2_p(self) -> float | None:
+        if not self._chi:
+            fractions, counts = self._labels
+            if fractions is not None and counts is not None and counts.sum() > 0:
+                self._chi2_p = chi_square(fractions, counts)[1]
+            self._chi = True
+        return self._chi2_p
 
 
 @dataclass(slots=True)
@@ -224,12 +313,14 @@ class VersionMonitor:
     _long_scores: Judgement | None = None
     _hash_filled: int = 0
     _multipliers: Array = field(init=False)
+    _due: int = FLUSH_ROWS  # buffered rows that make `record` bin them
 
     def __post_init__(self) -> None:
         self.layout = Layout(self.baseline)
         self.short = Window(self.window_rows, self.layout.size)
         self.long = Window(self.long_window_rows, self.layout.size)
         self.cumulative = np.zeros(self.layout.size, dtype=np.int64)
+        self._due = min(FLUSH_ROWS, self.short.sub_rows)
         self._hashes = np.zeros(self.duplicate_memory, dtype=np.uint64)
         rng = np.random.default_rng(0x6D6C70)  # fixed: hashes must not depend on the run
         self._multipliers = rng.integers(
@@ -239,18 +330,22 @@ class VersionMonitor:
     # ---------------------------------------------------------------- recording
 
     def record(self, x: Array, outputs: dict[str, Array]) -> list[DriftEvent]:
-        """Keep a batch (O(1)); bin what is buffered once FLUSH_ROWS rows have gathered."""
+        """Keep a batch (O(1)); bin what is buffered once it completes the short window's
+        sub-window (or reaches FLUSH_ROWS rows), so that a sub-window costs one `count`."""
         self.pending.append((x, outputs))
         self.pending_rows += x.shape[0]
-        if self.pending_rows >= FLUSH_ROWS:
-            return self.flush()
+        if self.pending_rows >= self._due:
+            return self._fold(keep_tail=True)
         return []
 
     def flush(self) -> list[DriftEvent]:
         """Bin every buffered row (the step function tests and readers call)."""
+        return self._fold(keep_tail=False)
+
+    def _fold(self, keep_tail: bool) -> list[DriftEvent]:
         if not self.pending:
             return []
-        batches, self.pending, self.pending_rows = self.pending, [], 0
+        batches = self.pending
         x = np.concatenate([b[0] for b in batches]) if len(batches) > 1 else batches[0][0]
         outs = {
             k: (
@@ -260,10 +355,14 @@ class VersionMonitor:
         }
         events: list[DriftEvent] = []
         # Fold in chunks that end exactly where the short window's sub-window ends, so that a
-        # window holds exactly `window` rows when it is judged.
+        # window holds exactly `window` rows when it is judged. With `keep_tail`, a last chunk
+        # that neither completes a sub-window nor reaches FLUSH_ROWS waits for the next batches.
         start, n = 0, x.shape[0]
         while start < n:
-            end = min(n, start + self.short.sub_rows - int(self.short.current[ROWS]))
+            need = self.short.sub_rows - int(self.short.current[ROWS])
+            end = min(n, start + need)
+            if keep_tail and end - start < need and end - start < FLUSH_ROWS:
+                break
             counts = self.count(x[start:end], {k: v[start:end] for k, v in outs.items()})
             self.cumulative += counts
             if self.long.add(counts) and self.long.full:
@@ -271,6 +370,12 @@ class VersionMonitor:
             if self.short.add(counts):
                 events += self.judge()
             start = end
+        if start < n:
+            self.pending = [(x[start:], {k: v[start:] for k, v in outs.items()})]
+            self.pending_rows = n - start
+        else:
+            self.pending, self.pending_rows = [], 0
+        self._due = min(FLUSH_ROWS, self.short.sub_rows - int(self.short.current[ROWS]))
         return events
 
     def count(self, x: Array, outputs: dict[str, Array]) -> Array:
@@ -278,22 +383,19 @@ class VersionMonitor:
         n, f = x.shape
         counts = np.zeros(lay.size, dtype=np.int64)
         counts[ROWS] = n
-        idx = b.bin(x.astype(np.float64, copy=False))
-        counts[OUT_OF_RANGE] = int(np.count_nonzero(idx == 0) + np.count_nonzero(idx > b.nbins))
-        flat = (
-            idx + np.arange(f) * b.width
-        ).ravel()  # overflow sits right after each feature's bins
-        counts[lay.features] = np.bincount(flat, minlength=f * b.width)
+        feats = np.bincount(b.bin(x).ravel(), minlength=f * b.width)
+        counts[lay.features] = feats
+        counts[OUT_OF_RANGE] = int(feats[b.under].sum() + feats[b.over].sum())
         if b.classes is not None and "label" in outputs and "probabilities" in outputs:
+            # searchsorted gives 0..C: an unknown label above the last class counts as the last
             labels = np.searchsorted(b.classes, outputs["label"].reshape(-1))
-            labels = np.clip(labels, 0, lay.n_classes - 1)
+            np.minimum(labels, lay.n_classes - 1, out=labels)
             counts[lay.labels] = np.bincount(labels, minlength=lay.n_classes)
-            assert b.prob_edges is not None
+            assert b.prob_inner is not None
             probs = outputs["probabilities"].reshape(n, -1)[:, : lay.n_classes]
-            pidx = np.clip(
-                np.searchsorted(b.prob_edges[1:-1], probs, side="right"), 0, lay.prob_bins - 1
-            )
-            pflat = (pidx + np.arange(lay.n_classes) * lay.prob_bins).ravel()
+            # on the inner edges: 0..PB-1, values outside [0, 1] in the first or last bin
+            pidx = np.searchsorted(b.prob_inner, probs, side="right")
+            pflat = (pidx + lay.prob_offsets).ravel()
             counts[lay.probs] = np.bincount(pflat, minlength=lay.n_classes * lay.prob_bins)
         elif b.var_edges is not None and "variable" in outputs:
             v = outputs["variable"].reshape(n, -1)[:, 0].astype(np.float64, copy=False)
@@ -363,17 +465,9 @@ class VersionMonitor:
         q = np.divide(observed, totals, out=np.zeros(observed.shape), where=totals > 0)
         p_eps, q_eps = np.maximum(expected, EPS), np.maximum(q, EPS)
         psi = np.sum((q_eps - p_eps) * np.log(q_eps / p_eps), axis=1)
-        ks = np.max(np.abs(np.cumsum(q, axis=1) - np.cumsum(expected, axis=1)), axis=1)
-        m = (expected + q) / 2.0
-        with np.errstate(divide="ignore", invalid="ignore"):
-            kl_p = np.where(expected > 0, expected * np.log2(expected / m), 0.0).sum(axis=1)
-            kl_q = np.where(q > 0, q * np.log2(q / m), 0.0).sum(axis=1)
-        js = np.sqrt(np.maximum(0.5 * kl_p + 0.5 * kl_q, 0.0))
-        chi2_p = None
         b, lay = self.baseline, self.layout
-        if b.label_fractions is not None and counts[lay.labels].sum() > 0:
-            chi2_p = chi_square(b.label_fractions, counts[lay.labels])[1]
-        return Judgement(int(counts[ROWS]), psi, ks, js, chi2_p)
+        labels = None if b.label_fractions is None else counts[lay.labels].copy()
+        return Judgement(int(counts[ROWS]), psi, expected, q, b.label_fractions, labels)
 
     def judge(self) -> list[DriftEvent]:
         """Score both windows (when full) and return the distributions whose level changed."""
