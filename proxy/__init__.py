@@ -1,3 +1,3 @@
 """mlproxy: serve ONNX model versions behind canary, shadow and blue-green deployments."""
 
-__version__ = "0.3.1"
+__version__ = "0.3.2"
