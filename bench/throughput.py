@@ -26,16 +26,20 @@ Load:
 
 The figures are measured in rounds. Each round of the first phase starts all six servers
 afresh, warms each up with a discarded wrk run, measures run i of every 64- and 1-connection
-figure, one configuration after another (in an order rotated each round), and stops them. The
-second phase does the same for the open-loop figures with single and shadow only, at half of
-single's median 64-connection throughput over all of phase 1. Every figure is the median of
-``--runs`` runs of ``--duration`` seconds, and every ratio floor is judged on the median of the
-per-round ratios (configurations measured side by side, seconds apart, on fresh processes): this
-VM's speed drifts by 10-30% over minutes, and one process can stay 10-20% slower than an
-identical one for its whole life, which swamped ratios of figures measured minutes apart on one
-process each. The script prints a markdown table, the floor checks (PASS/FAIL) with every
-round's ratio, mlproxy's batching and mirror counters from /admin/status, and writes everything
-to bench/results/throughput.json.
+figure, and stops them. Within a round the configurations take turns in 1 s slices (``--slice``;
+the order rotates every cycle; one first cycle is not counted) until each has had
+``--duration`` seconds: a run's req/s is its requests over its slices' time, its p50/p99 the
+median of its slices'. The second phase does the
+same for the open-loop figures with single and shadow only (2 s slices, each after 0.5 s not
+measured), at half of single's median 64-connection throughput over all of phase 1. Every figure
+is the median of ``--runs`` runs, and every ratio floor is judged on the median of the per-round
+ratios (configurations measured interleaved, on fresh processes). Why: this VM's speed drifts by
+10-30% over minutes and moves within seconds, and one process can stay slower than an identical
+one for its whole life. Two identical servers measured 6 s one after the other differed by 9.4%
+(standard deviation over 6 rounds), and by 4.8% when measured in 1 s slices in turn. The script
+prints a markdown table, the floor checks (PASS/FAIL) with every round's ratio, mlproxy's
+batching and mirror counters from /admin/status, and writes everything to
+bench/results/throughput.json.
 
 Run from the repository root (needs wrk, taskset, two cores, and ``mlproxy demo-models``):
 
@@ -48,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import platform
 import re
@@ -764,6 +769,77 @@ def rotated(names: list[str], i: int) -> list[str]:
     return names[k:] + names[:k]
 
 
+def wrk_slice(
+    servers: dict[str, Server], lua: Path, conns: int, args: argparse.Namespace, name: str
+) -> dict[str, Any]:
+    return run_wrk(servers[name].base + INFER_PATH, lua, conns, args.slice, args.load_cpu)
+
+
+def open_slice(
+    servers: dict[str, Server], bodies: Path, rate: float, args: argparse.Namespace, name: str
+) -> dict[str, Any]:
+    return run_open_loop(
+        servers[name].port, bodies, rate, args.open_slice, args.open_warmup, args.load_cpu
+    )
+
+
+def merge_slices(slices: list[dict[str, Any]]) -> dict[str, Any]:
+    """One run from the slices of one configuration in one round (wrk's or openloop.py's):
+    throughput over their summed time, latency percentiles as the median of the slices'
+    (a slice holds thousands of requests; its tail is its own), counts summed."""
+    first = slices[0]
+    out: dict[str, Any] = {"slices": len(slices)}
+    if "achieved_rps" in first:  # openloop.py
+        seconds = sum(float(r["duration_s"]) for r in slices)
+        out["target_rps"] = first["target_rps"]
+        out["achieved_rps"] = round(sum(int(r["measured"]) for r in slices) / seconds, 1)
+        out["sustained"] = all(r["sustained"] for r in slices)
+        for key in ("dispatch_lag_p50_ms", "dispatch_lag_p99_ms"):
+            values = [r[key] for r in slices if r.get(key) is not None]
+            out[key] = max(values) if values else None
+        counts: tuple[str, ...] = ("non_2xx", "errors", "measured")
+        out["slice_p50_ms"] = [r["p50_ms"] for r in slices]
+    else:  # wrk: rps is requests over the run's own time
+        seconds = sum(r["requests"] / r["rps"] for r in slices if r["rps"] and r["requests"])
+        requests = sum(r["requests"] or 0 for r in slices)
+        out["rps"] = round(requests / seconds, 2) if seconds else 0.0
+        out["slice_rps"] = [r["rps"] for r in slices]
+        counts = ("non_2xx", "socket_errors", "requests")
+    for key in ("p50_ms", "p75_ms", "p90_ms", "p99_ms"):
+        values = [r[key] for r in slices if r.get(key) is not None]
+        out[key] = round(statistics.median(values), 4) if values else None
+    for key in counts:
+        out[key] = sum(int(r.get(key) or 0) for r in slices)
+    return out
+
+
+def interleaved(
+    names: list[str],
+    measure_one: Callable[[str], dict[str, Any]],
+    duration: int,
+    slice_s: int,
+    first: int,
+) -> dict[str, dict[str, Any]]:
+    """`duration` seconds per configuration, in slices of `slice_s` taken in turn, the order
+    rotated every cycle; merged per configuration (see merge_slices).
+
+    Why: this VM's speed moves within seconds. Two identical servers measured 6 s one after the
+    other differed by 9.4% (standard deviation of 6 rounds); the same two measured in 1 s slices
+    taken in turn over the same 12 s, by 4.8%. A slow spell now lands on every configuration
+    alike instead of on whichever ran then. One cycle more than needed runs first and is not
+    counted: after waiting for the other servers' warm-ups, a server's first slice ran 8-25%
+    below its next ones.
+    """
+    cycles = max(1, duration // slice_s)
+    slices: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
+    for c in range(cycles + 1):
+        for name in rotated(names, first + c):
+            r = measure_one(name)
+            if c > 0:  # the first cycle is not counted: it ran 8-25% slow in a quick run
+                slices[name].append(r)
+    return {n: merge_slices(runs) for n, runs in slices.items()}
+
+
 def merge_summaries(parts: list[dict[str, Any]]) -> dict[str, Any]:
     """Sum per-round batching summaries (counters add up; means and maxima are recomputed)."""
     out: dict[str, Any] = {}
@@ -840,11 +916,17 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 servers = start_all(stack, [spec.name for spec in server_specs()], i)
                 names = list(servers)
                 before = {n: servers[n].admin_status() for n in names}
-                log(f"== round {i + 1}/{args.runs}: {CONNS} connections")
+                slicing = f"{args.duration} s each in {args.slice} s slices taken in turn"
+                log(f"== round {i + 1}/{args.runs}: {CONNS} connections, {slicing}")
+                c64 = interleaved(
+                    names,
+                    functools.partial(wrk_slice, servers, lua, CONNS, args),
+                    args.duration,
+                    args.slice,
+                    i,
+                )
                 for name in rotated(names, i):
-                    url = servers[name].base + INFER_PATH
-                    r = run_wrk(url, lua, CONNS, args.duration, args.load_cpu)
-                    r["round"] = i
+                    r = {**c64[name], "round": i}
                     fig(name, "c64").runs.append(r)
                     log(
                         f"   {name}: {r['rps']:,.0f} req/s, p50 {r['p50_ms']:.3f} ms,"
@@ -852,12 +934,16 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                         f" socket errors {r['socket_errors']}"
                     )
                 after = {n: servers[n].admin_status() for n in names}
-                log(f"== round {i + 1}/{args.runs}: 1 connection")
-                for name in rotated(["inline-onnx", "single"], i):
-                    url = servers[name].base + INFER_PATH
-                    r = run_wrk(url, lua, 1, args.duration, args.load_cpu)
-                    r["round"] = i
-                    fig(name, "c1").runs.append(r)
+                log(f"== round {i + 1}/{args.runs}: 1 connection, {slicing}")
+                c1 = interleaved(
+                    ["inline-onnx", "single"],
+                    functools.partial(wrk_slice, servers, lua, 1, args),
+                    args.duration,
+                    args.slice,
+                    i,
+                )
+                for name, r in c1.items():
+                    fig(name, "c1").runs.append({**r, "round": i})
                     log(
                         f"   {name}: {r['rps']:,.0f} req/s, p50 {r['p50_ms']:.3f} ms,"
                         f" p99 {r['p99_ms']:.3f} ms"
@@ -886,18 +972,20 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                         )
                         warn(f"open loop: {open_note.strip(' ()')}; used {open_rate:,.0f} req/s")
                 before_open = {n: servers[n].admin_status() for n in fixed}
-                log(f"== round {i + 1}/{args.runs}: open loop @ {open_rate:,.0f} req/s")
-                for name in rotated(fixed, i):
-                    r = run_open_loop(
-                        servers[name].port,
-                        bodies_file,
-                        open_rate,
-                        args.duration,
-                        args.open_warmup,
-                        args.load_cpu,
-                    )
-                    r["round"] = i
-                    fig(name, "open").runs.append(r)
+                log(
+                    f"== round {i + 1}/{args.runs}: open loop @ {open_rate:,.0f} req/s,"
+                    f" {args.duration} s each in {args.open_slice} s slices taken in turn"
+                    f" (each after {args.open_warmup:g} s not measured)"
+                )
+                opened = interleaved(
+                    fixed,
+                    functools.partial(open_slice, servers, bodies_file, open_rate, args),
+                    args.duration,
+                    args.open_slice,
+                    i,
+                )
+                for name, r in opened.items():
+                    fig(name, "open").runs.append({**r, "round": i})
                     log_open(name, r)
                 for name in fixed:
                     end = servers[name].admin_status()
@@ -970,7 +1058,15 @@ def main(argv: list[str] | None = None) -> int:
         "--runs", type=int, default=None, help="runs (rounds) per figure, median (default 5)"
     )
     p.add_argument("--warmup", type=int, default=None, help="discarded wrk seconds (default 2)")
-    p.add_argument("--open-warmup", type=float, default=1.0, help="open-loop seconds not measured")
+    p.add_argument(
+        "--slice", type=int, default=1, help="wrk seconds per slice, configurations in turn"
+    )
+    p.add_argument(
+        "--open-slice", type=int, default=2, help="open-loop seconds per slice (default 2)"
+    )
+    p.add_argument(
+        "--open-warmup", type=float, default=0.5, help="open-loop seconds not measured, per slice"
+    )
     p.add_argument("--quick", action="store_true", help="--runs 1 --duration 3 --warmup 1")
     p.add_argument("--server-cpu", type=int, default=0)
     p.add_argument("--load-cpu", type=int, default=1)
@@ -984,6 +1080,8 @@ def main(argv: list[str] | None = None) -> int:
             setattr(args, key, value)
     if args.duration < 1 or args.runs < 1 or args.warmup < 1:
         p.error("--duration, --runs and --warmup must be >= 1")
+    if not 1 <= args.slice <= args.duration or not 1 <= args.open_slice <= args.duration:
+        p.error("--slice and --open-slice must be between 1 and --duration")
     if args.output is None:
         name = "throughput-quick.json" if args.quick else "throughput.json"
         args.output = BENCH / "results" / name
@@ -1035,6 +1133,8 @@ def main(argv: list[str] | None = None) -> int:
             "runs": args.runs,
             "warmup_s": args.warmup,
             "open_warmup_s": args.open_warmup,
+            "slice_s": args.slice,
+            "open_slice_s": args.open_slice,
             "connections": CONNS,
             "rows_cycled": N_ROWS,
             "quick": args.quick,
