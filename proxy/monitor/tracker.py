@@ -1,8 +1,8 @@
 """Streaming histograms of one version's inputs and outputs, in sliding windows, judged for drift.
 
 Everything is a numpy count vector: no row is kept. Rows are buffered (a list of the batches'
-own arrays) until they complete a sub-window of the short window, then binned in bulk (one pass
-of numpy calls, whatever the number of features). Per-feature bins come from the manifest's
+own arrays, at most FLUSH_ROWS or half a window) and then binned in bulk: one pass of numpy
+calls for all features and every complete sub-window among them. Per-feature bins come from the manifest's
 baseline (plus an underflow and an overflow bin), and a value is binned exactly as packaging
 binned the training rows. Two sliding windows (`window` and `long_window` rows) are rings of
 sub-window count vectors. Each time the short window moves on a sub-window, every feature and
@@ -22,7 +22,7 @@ from .drift import EPS, chi_square
 
 Array = np.ndarray[Any, Any]
 SUBWINDOWS = 10  # a window is a ring of this many sub-windows
-FLUSH_ROWS = 256  # rows buffered before they are binned (amortises numpy's per-call cost)
+FLUSH_ROWS = 1024  # rows buffered before they are binned (amortises numpy's per-call cost)
 Level = Literal["ok", "warn", "alert"]
 Kind = Literal["sudden", "gradual"]
 
@@ -82,7 +82,9 @@ class Baseline:
             edges64.append(bounds)
             first32 = [f32_at_least(e) for e in bounds[:-1]] + [f32_above(hi)]
             offsets[i] = sum(k.size for k in keys)
-            keys.append(order_keys(np.array(first32, dtype=np.float32)).astype(np.uint64) | lanes[i])
+            keys.append(
+                order_keys(np.array(first32, dtype=np.float32)).astype(np.uint64) | lanes[i]
+            )
         outs = base.get("outputs", {})
         classes = label_fr = prob_edges = prob_fr = var_edges = var_fr = None
         var = outs.get("variable")
@@ -313,14 +315,15 @@ class VersionMonitor:
     _long_scores: Judgement | None = None
     _hash_filled: int = 0
     _multipliers: Array = field(init=False)
-    _due: int = FLUSH_ROWS  # buffered rows that make `record` bin them
+    _due: int = FLUSH_ROWS  # buffered rows that make `record` bin them (see __post_init__)
 
     def __post_init__(self) -> None:
         self.layout = Layout(self.baseline)
         self.short = Window(self.window_rows, self.layout.size)
         self.long = Window(self.long_window_rows, self.layout.size)
         self.cumulative = np.zeros(self.layout.size, dtype=np.int64)
-        self._due = min(FLUSH_ROWS, self.short.sub_rows)
+        # Bin once FLUSH_ROWS rows wait, or half a window's (a judgement is never later than that)
+        self._due = max(1, min(FLUSH_ROWS, self.window_rows // 2))
         self._hashes = np.zeros(self.duplicate_memory, dtype=np.uint64)
         rng = np.random.default_rng(0x6D6C70)  # fixed: hashes must not depend on the run
         self._multipliers = rng.integers(
@@ -330,8 +333,8 @@ class VersionMonitor:
     # ---------------------------------------------------------------- recording
 
     def record(self, x: Array, outputs: dict[str, Array]) -> list[DriftEvent]:
-        """Keep a batch (O(1)); bin what is buffered once it completes the short window's
-        sub-window (or reaches FLUSH_ROWS rows), so that a sub-window costs one `count`."""
+        """Keep a batch (O(1)). Once FLUSH_ROWS rows (or half a window's) are buffered, the
+        complete sub-windows among them are binned in one pass and judged in turn."""
         self.pending.append((x, outputs))
         self.pending_rows += x.shape[0]
         if self.pending_rows >= self._due:
@@ -357,50 +360,62 @@ class VersionMonitor:
         # Fold in chunks that end exactly where the short window's sub-window ends, so that a
         # window holds exactly `window` rows when it is judged. With `keep_tail`, a last chunk
         # that neither completes a sub-window nor reaches FLUSH_ROWS waits for the next batches.
-        start, n = 0, x.shape[0]
+        lengths: list[int] = []
+        start, n, filled = 0, x.shape[0], int(self.short.current[ROWS])
         while start < n:
-            need = self.short.sub_rows - int(self.short.current[ROWS])
+            need = self.short.sub_rows - filled
             end = min(n, start + need)
             if keep_tail and end - start < need and end - start < FLUSH_ROWS:
                 break
-            counts = self.count(x[start:end], {k: v[start:end] for k, v in outs.items()})
-            self.cumulative += counts
-            if self.long.add(counts) and self.long.full:
-                self._long_scores = self.scores(self.long.total)  # the long window moves slowly
-            if self.short.add(counts):
-                events += self.judge()
+            lengths.append(end - start)
+            filled = 0 if end - start == need else filled + end - start
             start = end
+        if lengths:  # every chunk binned in one pass, then folded in turn
+            for counts in self.count(x[:start], {k: v[:start] for k, v in outs.items()}, lengths):
+                self.cumulative += counts
+                if self.long.add(counts) and self.long.full:
+                    self._long_scores = self.scores(self.long.total)  # moves slowly
+                if self.short.add(counts):
+                    events += self.judge()
         if start < n:
             self.pending = [(x[start:], {k: v[start:] for k, v in outs.items()})]
             self.pending_rows = n - start
         else:
             self.pending, self.pending_rows = [], 0
-        self._due = min(FLUSH_ROWS, self.short.sub_rows - int(self.short.current[ROWS]))
         return events
 
-    def count(self, x: Array, outputs: dict[str, Array]) -> Array:
+    def count(self, x: Array, outputs: dict[str, Array], lengths: list[int]) -> Array:
+        """Count vectors [len(lengths), size] of consecutive chunks of x's rows, in one pass:
+        chunk j's bins are offset by j distributions' worth, so one bincount counts them all."""
         b, lay = self.baseline, self.layout
         n, f = x.shape
-        counts = np.zeros(lay.size, dtype=np.int64)
-        counts[ROWS] = n
-        feats = np.bincount(b.bin(x).ravel(), minlength=f * b.width)
-        counts[lay.features] = feats
-        counts[OUT_OF_RANGE] = int(feats[b.under].sum() + feats[b.over].sum())
+        k = len(lengths)
+        chunk = np.repeat(np.arange(k), lengths)[:, None]  # [n, 1]: each row's chunk
+        counts = np.zeros((k, lay.size), dtype=np.int64)
+        counts[:, ROWS] = lengths
+        span = f * b.width
+        feats = np.bincount((b.bin(x) + chunk * span).ravel(), minlength=k * span)
+        feats = feats.reshape(k, span)
+        counts[:, lay.features] = feats
+        counts[:, OUT_OF_RANGE] = feats[:, b.under].sum(axis=1) + feats[:, b.over].sum(axis=1)
         if b.classes is not None and "label" in outputs and "probabilities" in outputs:
+            c, pb = lay.n_classes, lay.prob_bins
             # searchsorted gives 0..C: an unknown label above the last class counts as the last
             labels = np.searchsorted(b.classes, outputs["label"].reshape(-1))
-            np.minimum(labels, lay.n_classes - 1, out=labels)
-            counts[lay.labels] = np.bincount(labels, minlength=lay.n_classes)
+            np.minimum(labels, c - 1, out=labels)
+            labels += chunk[:, 0] * c
+            counts[:, lay.labels] = np.bincount(labels, minlength=k * c).reshape(k, c)
             assert b.prob_inner is not None
-            probs = outputs["probabilities"].reshape(n, -1)[:, : lay.n_classes]
+            probs = outputs["probabilities"].reshape(n, -1)[:, :c]
             # on the inner edges: 0..PB-1, values outside [0, 1] in the first or last bin
             pidx = np.searchsorted(b.prob_inner, probs, side="right")
-            pflat = (pidx + lay.prob_offsets).ravel()
-            counts[lay.probs] = np.bincount(pflat, minlength=lay.n_classes * lay.prob_bins)
+            pflat = (pidx + lay.prob_offsets + chunk * (c * pb)).ravel()
+            counts[:, lay.probs] = np.bincount(pflat, minlength=k * c * pb).reshape(k, c * pb)
         elif b.var_edges is not None and "variable" in outputs:
             v = outputs["variable"].reshape(n, -1)[:, 0].astype(np.float64, copy=False)
-            vidx = np.searchsorted(b.var_edges, v, side="right")
-            counts[lay.variable] = np.bincount(vidx, minlength=lay.var_width)
+            vidx = np.searchsorted(b.var_edges, v, side="right") + chunk[:, 0] * lay.var_width
+            vw = lay.var_width
+            counts[:, lay.variable] = np.bincount(vidx, minlength=k * vw).reshape(k, vw)
         self._remember_rows(x)
         return counts
 
