@@ -43,7 +43,7 @@ bench/results/throughput.json.
 
 Run from the repository root (needs wrk, taskset, two cores, and ``mlproxy demo-models``):
 
-    .venv/bin/python bench/throughput.py                       # 5 rounds x 6 s: about 8 minutes
+    .venv/bin/python bench/throughput.py                       # 5 rounds x 6 s: about 10 minutes
     .venv/bin/python bench/throughput.py --runs 1 --duration 3 # a quick look
     .venv/bin/python bench/throughput.py --quick               # the same, to throughput-quick.json
 """
