@@ -30,7 +30,7 @@ figure, and stops them. Within a round the configurations take turns in 1 s slic
 the order rotates every cycle; one first cycle is not counted) until each has had
 ``--duration`` seconds: a run's req/s is its requests over its slices' time, its p50/p99 the
 median of its slices'. The second phase does the
-same for the open-loop figures with single and shadow only (2 s slices, each after 0.5 s not
+same for the open-loop figures with single and shadow only (1 s slices, each after 0.5 s not
 measured), at half of single's median 64-connection throughput over all of phase 1. Every figure
 is the median of ``--runs`` runs, and every ratio floor is judged on the median of the per-round
 ratios (configurations measured interleaved, on fresh processes). Why: this VM's speed drifts by
@@ -1062,7 +1062,7 @@ def main(argv: list[str] | None = None) -> int:
         "--slice", type=int, default=1, help="wrk seconds per slice, configurations in turn"
     )
     p.add_argument(
-        "--open-slice", type=int, default=2, help="open-loop seconds per slice (default 2)"
+        "--open-slice", type=int, default=1, help="open-loop seconds per slice (default 1)"
     )
     p.add_argument(
         "--open-warmup", type=float, default=0.5, help="open-loop seconds not measured, per slice"
