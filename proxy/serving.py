@@ -85,7 +85,7 @@ class Serving:
         self.shed = 0
         self.fallbacks: dict[tuple[str, str], int] = {}
         self.reloads = {"ok": 0, "error": 0}
-        self.mirrors_yield = False  # the serving loop is busy: mirrors take 1 request in BUSY_KEEP_EVERY
+        self.mirrors_yield = False  # the serving loop is busy: mirrors yield (MirrorLane.busy)
         self.last_error: str | None = None
         self.controllers: dict[str, RolloutController] = {}
         self.config_path = Path(plan.config.source)
