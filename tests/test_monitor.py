@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sklearn.datasets import load_breast_cancer
 
 from proxy.admin import create_admin_app
-from proxy.monitor.drift import chi_square, js, ks, psi
+from proxy.monitor.drift import chi_square, fractions, js, ks, psi
 from proxy.monitor.tracker import Baseline, VersionMonitor
 from proxy.repository import OnnxModel
 from proxy.state import Alerts
@@ -51,19 +51,24 @@ def feed(
 
 def test_statistics_on_known_distributions() -> None:
     p = np.array([0.25, 0.25, 0.25, 0.25])
-    assert psi(p, np.array([25, 25, 25, 25])) == pytest.approx(0.0)
-    assert ks(p, np.array([50, 50, 0, 0])) == pytest.approx(0.5)
-    assert js(p, np.array([25, 25, 25, 25])) == pytest.approx(0.0)
-    assert js(np.array([1.0, 0.0]), np.array([0, 10])) == pytest.approx(
-        1.0
-    )  # disjoint: the maximum
+    assert psi(p, fractions([25, 25, 25, 25])) == pytest.approx(0.0)
+    assert ks(p, fractions([50, 50, 0, 0])) == pytest.approx(0.5)
+    assert js(p, fractions([25, 25, 25, 25])) == pytest.approx(0.0)
+    assert js(np.array([1.0, 0.0]), fractions([0, 10])) == pytest.approx(1.0)  # disjoint: the max
     # PSI of a known shift: (0.4-0.25)ln(0.4/0.25) + (0.1-0.25)ln(0.1/0.25) = 0.2079
-    assert psi(np.array([0.25, 0.25, 0.25, 0.25]), np.array([40, 10, 25, 25])) == pytest.approx(
-        0.2079, abs=1e-3
-    )
+    assert psi(p, fractions([40, 10, 25, 25])) == pytest.approx(0.2079, abs=1e-3)
     stat, p_value = chi_square(np.array([0.5, 0.5]), np.array([50, 50]))
     assert stat == pytest.approx(0.0) and p_value == pytest.approx(1.0)
     assert chi_square(np.array([0.5, 0.5]), np.array([90, 10]))[1] < 1e-6
+    # many distributions at once: one score per row, each the row's own; an empty row scores
+    # as no observation (fractions all zero), not NaN
+    counts = np.array([[25, 25, 25, 25], [50, 50, 0, 0], [40, 10, 25, 25], [0, 0, 0, 0]])
+    expected = np.tile(p, (4, 1))
+    for stat_fn in (psi, ks, js):
+        rows = stat_fn(expected, fractions(counts))
+        assert rows.shape == (4,) and np.isfinite(rows).all()
+        for i in range(4):
+            assert rows[i] == pytest.approx(stat_fn(p, fractions(counts[i])))
 
 
 def reference_bins(manifest: dict[str, Any], x: np.ndarray) -> list[np.ndarray]:
@@ -126,9 +131,15 @@ def test_uneven_batches_count_what_per_feature_binning_counts(v1: OnnxModel, dty
     assert j.rows == 2000 == int(mon.short.total[0])
     window = mon.short.total[lay.features].reshape(base.n_features, base.width)
     for i in (0, AREA, base.n_features - 1):
-        assert float(j.psi[i]) == pytest.approx(psi(base.fractions[i], window[i]), rel=1e-9)
-        assert float(j.ks[i]) == pytest.approx(ks(base.fractions[i], window[i]), abs=1e-12)
-        assert float(j.js[i]) == pytest.approx(js(base.fractions[i], window[i]), abs=1e-9)
+        assert float(j.psi[i]) == pytest.approx(
+            psi(base.fractions[i], fractions(window[i])), rel=1e-9
+        )
+        assert float(j.ks[i]) == pytest.approx(
+            ks(base.fractions[i], fractions(window[i])), abs=1e-12
+        )
+        assert float(j.js[i]) == pytest.approx(
+            js(base.fractions[i], fractions(window[i])), abs=1e-9
+        )
     assert base.label_fractions is not None
     expected_p = chi_square(base.label_fractions, mon.short.total[lay.labels])[1]
     assert j.chi2_p == pytest.approx(expected_p)

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .drift import EPS, chi_square
+from .drift import Judgement
 
 Array = np.ndarray[Any, Any]
 SUBWINDOWS = 10  # a window is a ring of this many sub-windows
@@ -223,62 +223,6 @@ class Window:
         return len(self.ring) == SUBWINDOWS
 
 
-class Judgement:
-    """Drift scores of one window: per distribution (features, then outputs) and statistic.
-
-    PSI is computed when the window is judged (it drives the alerts); KS, JS and the class
-    counts' chi-square p-value are computed the first time a reader asks for them, from the
-    fractions kept here: a window is judged every `window / 10` rows, read once per scrape.
-    """
-
-    __slots__ = ("_chi", "_chi2_p", "_expected", "_js", "_ks", "_labels", "_q", "psi", "rows")
-
-    def __init__(
-        self,
-        rows: int,
-        psi: Array,
-        expected: Array,
-        q: Array,
-        label_fractions: Array | None = None,
-        label_counts: Array | None = None,
-    ) -> None:
-        self.rows = rows
-        self.psi = psi
-        self._expected, self._q = expected, q
-        self._labels = (label_fractions, label_counts)
-        self._ks: Array | None = None
-        self._js: Array | None = None
-        self._chi = False
-        self._chi2_p: float | None = None
-
-    @property
-    def ks(self) -> Array:
-        if self._ks is None:
-            cdf_gap = np.cumsum(self._q, axis=1) - np.cumsum(self._expected, axis=1)
-            self._ks = np.max(np.abs(cdf_gap), axis=1)
-        return self._ks
-
-    @property
-    def js(self) -> Array:
-        if self._js is None:
-            p, q = self._expected, self._q
-            m = (p + q) / 2.0
-            with np.errstate(divide="ignore", invalid="ignore"):
-                kl_p = np.where(p > 0, p * np.log2(p / m), 0.0).sum(axis=1)
-                kl_q = np.where(q > 0, q * np.log2(q / m), 0.0).sum(axis=1)
-            self._js = np.sqrt(np.maximum(0.5 * kl_p + 0.5 * kl_q, 0.0))
-        return self._js
-
-    @property
-    def chi2_p(self) -> float | None:
-        if not self._chi:
-            fractions, counts = self._labels
-            if fractions is not None and counts is not None and counts.sum() > 0:
-                self._chi2_p = chi_square(fractions, counts)[1]
-            self._chi = True
-        return self._chi2_p
-
-
 @dataclass(slots=True)
 class DriftEvent:
     """A distribution whose level changed (for alerts): fires when it starts and when it clears."""
@@ -476,13 +420,9 @@ class VersionMonitor:
 
     def scores(self, counts: Array) -> Judgement:
         expected, observed = self._distributions(counts)
-        totals = observed.sum(axis=1, keepdims=True)
-        q = np.divide(observed, totals, out=np.zeros(observed.shape), where=totals > 0)
-        p_eps, q_eps = np.maximum(expected, EPS), np.maximum(q, EPS)
-        psi = np.sum((q_eps - p_eps) * np.log(q_eps / p_eps), axis=1)
         b, lay = self.baseline, self.layout
         labels = None if b.label_fractions is None else counts[lay.labels].copy()
-        return Judgement(int(counts[ROWS]), psi, expected, q, b.label_fractions, labels)
+        return Judgement(int(counts[ROWS]), expected, observed, b.label_fractions, labels)
 
     def judge(self) -> list[DriftEvent]:
         """Score both windows (when full) and return the distributions whose level changed."""
