@@ -14,9 +14,10 @@ import numpy as np
 from .backends import LocalBackend
 from .config import AlertsConfig
 from .model_config import DriftConfig
+from .monitor.baseline import Baseline
 from .monitor.feedback import AccuracyTracker, PredictionStore
 from .monitor.stats import LatencyHistogram
-from .monitor.tracker import Baseline, DriftEvent, VersionMonitor
+from .monitor.tracker import DriftEvent, VersionMonitor
 from .plan import Plan
 from .state import Alerts
 

@@ -20,8 +20,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from sklearn.datasets import load_breast_cancer
 
 from proxy.admin import create_admin_app
+from proxy.monitor.baseline import Baseline
 from proxy.monitor.drift import chi_square, fractions, js, ks, psi
-from proxy.monitor.tracker import Baseline, VersionMonitor
+from proxy.monitor.tracker import VersionMonitor
 from proxy.repository import OnnxModel
 from proxy.state import Alerts
 from proxy.webhook import WebhookSender
