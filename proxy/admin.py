@@ -120,6 +120,15 @@ def monitor_snapshot(serving: Serving) -> MonitorSnapshot:
     )
 
 
+def _mae(vw: Any) -> dict[str, Any]:
+    """A regression version's rolling MAE per window, and its holdout MAE."""
+    return {
+        "short": _round(vw.accuracy.mae("short")),
+        "long": _round(vw.accuracy.mae("long")),
+        "holdout": vw.holdout_mae,
+    }
+
+
 def _monitoring_summary(vw: Any) -> dict[str, Any]:
     """Drift in a line per window: rows judged, the worst distribution and its scores."""
     mon = vw.monitor
@@ -132,11 +141,7 @@ def _monitoring_summary(vw: Any) -> dict[str, Any]:
         },
     }
     if vw.accuracy.regression:
-        doc["mae"] = {
-            "short": _round(vw.accuracy.mae("short")),
-            "long": _round(vw.accuracy.mae("long")),
-            "holdout": vw.holdout_mae,
-        }
+        doc["mae"] = _mae(vw)
     if mon is None:
         doc["drift"] = None
         return doc
@@ -264,15 +269,7 @@ def monitor_doc(serving: Serving) -> dict[str, Any]:
                     "long": _round(vw.accuracy.accuracy("long")) if vw else None,
                     "holdout": vw.holdout_accuracy if vw else None,
                 },
-                "mae": (
-                    {
-                        "short": _round(vw.accuracy.mae("short")),
-                        "long": _round(vw.accuracy.mae("long")),
-                        "holdout": vw.holdout_mae,
-                    }
-                    if vw and vw.accuracy.regression
-                    else None
-                ),
+                "mae": _mae(vw) if vw and vw.accuracy.regression else None,
                 "rates": mon.rates() if mon else {"out_of_range": None, "duplicates": None},
             }
             if mon is not None:

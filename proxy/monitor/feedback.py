@@ -121,9 +121,8 @@ class AccuracyTracker:
     total: Array = field(init=False)
 
     def __post_init__(self) -> None:
-        dtype = (
-            np.float64 if self.regression else np.int64
-        )  # [rows, sum |error|] or [rows, correct]
+        # counters [rows, sum of |error|] (regression) or [rows, correct answers]
+        dtype = np.float64 if self.regression else np.int64
         self.short = Window(self.window_rows, 2, dtype)
         self.long = Window(self.long_window_rows, 2, dtype)
         self.total = np.zeros(2, dtype=dtype)

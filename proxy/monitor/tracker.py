@@ -328,7 +328,7 @@ class VersionMonitor:
     def histograms(self) -> list[dict[str, Any]]:
         """Per feature: edges, baseline fractions and the short window's fractions (for plots)."""
         b, lay = self.baseline, self.layout
-        counts = self.short.total if self.short.full else self.cumulative + self.short.current * 0
+        counts = self.short.total if self.short.full else self.cumulative
         feats = counts[lay.features].reshape(b.n_features, b.width)
         total = feats.sum(axis=1, keepdims=True)
         frac = np.divide(feats, total, out=np.zeros(feats.shape), where=total > 0)
