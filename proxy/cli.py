@@ -8,14 +8,14 @@ import logging
 import sys
 from pathlib import Path
 
-from .config import load_config
-from .errors import ConfigError, ModelLoadError
+from proxy.config.load import load_config
+from proxy.errors import ConfigError, ModelLoadError
 
 
 def _serve(args: argparse.Namespace) -> int:
     import uvloop
 
-    from .server import serve
+    from proxy.server import serve
 
     try:
         config = load_config(args.config)
@@ -41,7 +41,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 async def _check_models(config_path: str) -> list[str]:
-    from .serving import close_serving, create_serving
+    from proxy.runtime.serving import close_serving, create_serving
 
     config = load_config(config_path)
     serving = await create_serving(config)
@@ -63,7 +63,7 @@ def _package(args: argparse.Namespace) -> int:
     import joblib
     import numpy as np
 
-    from .packaging import package_model
+    from proxy.packaging import package_model
 
     try:
         model = joblib.load(args.model)
@@ -104,7 +104,7 @@ def _package(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .packaging import build_demo_models
+    from proxy.packaging import build_demo_models
 
     for path in build_demo_models(Path(args.repo)):
         print(f"wrote {path}")

@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 import orjson
 
-from .repository import MANIFEST_FILE, MODEL_FILE, sha256_file
-from .state import write_atomic
+from proxy.models.repository import MANIFEST_FILE, MODEL_FILE, sha256_file
+from proxy.runtime.state import write_atomic
 
 FEATURE_BINS = 10  # quantile bins per feature in the baseline
 PROBABILITY_BINS = 10  # fixed-width bins over [0, 1] for predicted probabilities

@@ -10,10 +10,10 @@ import signal
 
 from aiohttp import web
 
-from .admin import create_admin_app
-from .app import create_data_server
-from .config import Config
-from .serving import create_serving
+from proxy.config.schema import Config
+from proxy.http.admin import create_admin_app
+from proxy.http.data import create_data_server
+from proxy.runtime.serving import create_serving
 
 log = logging.getLogger("mlproxy")
 DRAIN_TIMEOUT_S = 10.0

@@ -13,10 +13,11 @@ import onnxruntime as ort
 import pytest
 from aiohttp.test_utils import TestClient
 
-from proxy.app import create_data_server
-from proxy.config import Config, load_config
+from proxy.config.load import load_config
+from proxy.config.schema import Config
+from proxy.http.data import create_data_server
 from proxy.packaging import build_demo_models, demo_data
-from proxy.serving import Serving, close_serving, create_serving
+from proxy.runtime.serving import Serving, close_serving, create_serving
 
 BASE_CONFIG = """
 [server]

@@ -8,8 +8,8 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.admin import create_admin_app
-from proxy.serving import close_serving, create_serving
+from proxy.http.admin import create_admin_app
+from proxy.runtime.serving import close_serving, create_serving
 
 from .conftest import infer_body, model_section
 from .upstream import start_upstream

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from proxy.errors import ConfigError
-from proxy.serving import create_serving
+from proxy.runtime.serving import create_serving
 
 from .conftest import infer_body, model_section, reference
 

@@ -9,9 +9,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from proxy.batching import Batcher
+from proxy.engine.batching import Batcher
+from proxy.engine.runner import Runner
 from proxy.errors import OverloadedError, UpstreamError
-from proxy.runner import Runner
 
 
 class Recorder:
@@ -165,7 +165,7 @@ async def test_cheap_runs_go_inline_and_slow_ones_to_a_thread(runner: Any) -> No
 
 
 def test_inline_limit_grows_only_when_a_thread_would_share_the_loops_one_cpu() -> None:
-    from proxy.batching import SOLO_CPU_INLINE_MAX_S, inline_limit_s
+    from proxy.engine.batching import SOLO_CPU_INLINE_MAX_S, inline_limit_s
 
     assert inline_limit_s(50.0, cpus=2.0) == pytest.approx(50e-6)
     assert inline_limit_s(50.0, cpus=1.0) == SOLO_CPU_INLINE_MAX_S
@@ -177,7 +177,7 @@ def test_inline_limit_grows_only_when_a_thread_would_share_the_loops_one_cpu() -
 def test_usable_cpus_reads_affinity_and_the_cgroup_quota(tmp_path: Any) -> None:
     import os
 
-    from proxy.runner import usable_cpus
+    from proxy.engine.runner import usable_cpus
 
     affinity = len(os.sched_getaffinity(0))
     cpu_max = tmp_path / "cpu.max"

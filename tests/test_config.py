@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.config import load_config
+from proxy.config.load import load_config
 from proxy.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -24,8 +24,8 @@ import numpy as np
 import pytest
 from aiohttp import ClientSession, ClientWebSocketResponse, WSMsgType
 
-from proxy.admin import create_admin_app
-from proxy.watch import HISTORY_EVERY_S
+from proxy.http.admin import create_admin_app
+from proxy.monitoring.watch import HISTORY_EVERY_S
 
 from .conftest import infer_body, model_section
 

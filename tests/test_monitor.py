@@ -19,13 +19,13 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 from sklearn.datasets import load_breast_cancer
 
-from proxy.admin import create_admin_app
-from proxy.monitor.baseline import Baseline
-from proxy.monitor.drift import chi_square, fractions, js, ks, psi
-from proxy.monitor.tracker import VersionMonitor
-from proxy.repository import OnnxModel
-from proxy.state import Alerts
-from proxy.webhook import WebhookSender
+from proxy.http.admin import create_admin_app
+from proxy.models.repository import OnnxModel
+from proxy.monitoring.alerts import Alerts
+from proxy.monitoring.baseline import Baseline
+from proxy.monitoring.drift import chi_square, fractions, js, ks, psi
+from proxy.monitoring.tracker import VersionMonitor
+from proxy.monitoring.webhook import WebhookSender
 
 from .conftest import infer_body, model_section
 
@@ -395,7 +395,7 @@ async def test_a_client_resending_one_row_raises_the_duplicate_signal(
     serving.housekeeping()
     dup = [a for a in serving.alerts.recent() if a["kind"] == "duplicate_inputs"]
     assert dup and dup[0]["state"] == "firing" and dup[0]["value"] == pytest.approx(1.0)
-    from proxy.admin import status
+    from proxy.http.admin import status
 
     v1 = status(serving)["models"]["cancer"]["versions"]["v1"]
     # per version, in /admin/status (one row over and over is drift too, on every feature)
@@ -466,7 +466,7 @@ def test_alert_fires_once_until_resolved() -> None:
 
 
 def test_latency_percentiles_from_buckets_within_3_percent() -> None:
-    from proxy.monitor.stats import LatencyHistogram
+    from proxy.engine.stats import LatencyHistogram
 
     rng = np.random.default_rng(7)
     for median_s in (80e-6, 2e-3, 0.5):
@@ -480,7 +480,7 @@ def test_latency_percentiles_from_buckets_within_3_percent() -> None:
 
 
 def test_prediction_store_keeps_the_last_predictions() -> None:
-    from proxy.monitor.feedback import PredictionStore
+    from proxy.monitoring.feedback import PredictionStore
 
     store = PredictionStore(3)
     for i in range(5):
@@ -503,8 +503,8 @@ def test_prediction_store_keeps_the_last_predictions() -> None:
 
 def test_prediction_store_keeps_made_up_ids_by_counter() -> None:
     """Answers to requests without an id are kept by the id's counter, with no dict entry."""
-    from proxy.monitor.feedback import PredictionStore
-    from proxy.protocol import generated_seq, new_request_id
+    from proxy.monitoring.feedback import PredictionStore
+    from proxy.protocol.codec import generated_seq, new_request_id
 
     store = PredictionStore(3)
     ids = [new_request_id() for _ in range(5)]

@@ -11,7 +11,7 @@ import numpy as np
 import orjson
 from sklearn.linear_model import LinearRegression, LogisticRegression
 
-from proxy.repository import OnnxModel, sha256_file
+from proxy.models.repository import OnnxModel, sha256_file
 
 
 def _mlproxy(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:

@@ -12,8 +12,8 @@ from typing import Any
 import orjson
 import pytest
 
-from proxy.backends import LocalBackend
-from proxy.serving import ConfigWatcher
+from proxy.models.backends import LocalBackend
+from proxy.runtime.serving import ConfigWatcher
 
 from .conftest import BASE_CONFIG, infer_body, model_section
 from .upstream import start_upstream

@@ -8,7 +8,7 @@ import orjson
 import pytest
 
 from proxy.errors import ModelLoadError
-from proxy.repository import OnnxModel
+from proxy.models.repository import OnnxModel
 
 
 def test_good_version_loads_and_warms(model_repo: Path) -> None:

@@ -11,9 +11,9 @@ import orjson
 import pytest
 from aiohttp import web
 
-from proxy.admin import create_admin_app
-from proxy.app import DataPlane
-from proxy.serving import close_serving, create_serving
+from proxy.http.admin import create_admin_app
+from proxy.http.data import DataPlane
+from proxy.runtime.serving import close_serving, create_serving
 
 from .badmodels import build_broken, build_wrong
 from .conftest import infer_body, model_section

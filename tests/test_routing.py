@@ -7,7 +7,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from proxy.routing import Strategy, stable_unit
+from proxy.routing.strategy import Strategy, stable_unit
 
 from .conftest import infer_body, model_section
 

@@ -11,7 +11,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from proxy.config import load_config
+from proxy.config.load import load_config
 from proxy.server import serve
 
 from .conftest import BASE_CONFIG, infer_body, model_section

@@ -182,7 +182,7 @@ async def test_mirrors_yield_to_a_busy_serving_loop(
 ) -> None:
     """While the loop uses nearly all of its CPU, a mirror takes one request in eight and counts
     the rest as yielded; it takes every request again once the loop has CPU to spare."""
-    from proxy.shadow import BUSY_KEEP_EVERY
+    from proxy.engine.mirror import BUSY_KEEP_EVERY
 
     client, serving = await start(write_config(shadow_config(model_repo)))
     mp = serving.plan.models["cancer"]

@@ -7,8 +7,8 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.app import DataPlane
-from proxy.serving import Serving
+from proxy.http.data import DataPlane
+from proxy.runtime.serving import Serving
 
 
 class GatedUpstream:

@@ -18,8 +18,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .baseline import Baseline
-from .drift import Judgement
+from proxy.monitoring.baseline import Baseline
+from proxy.monitoring.drift import Judgement
 
 Array = np.ndarray[Any, Any]
 SUBWINDOWS = 10  # a window is a ring of this many sub-windows

@@ -9,15 +9,14 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
-from .backends import Backend, LocalBackend, create_backend
-from .config import Config
-from .errors import ConfigError, ModelLoadError
-from .model_config import ModelConfig, VersionConfig
-from .monitor.stats import VersionStats
-from .repository import MODEL_FILE, sha256_file
-from .routing import Strategy, create_strategy
-from .runner import Runners
-from .shadow import MIRROR_BATCH_ROWS, MirrorLane
+from proxy.config.schema import Config, ModelConfig, VersionConfig
+from proxy.engine.mirror import MIRROR_BATCH_ROWS, MirrorLane
+from proxy.engine.runner import Runners
+from proxy.engine.stats import VersionStats
+from proxy.errors import ConfigError, ModelLoadError
+from proxy.models.backends import Backend, LocalBackend, create_backend
+from proxy.models.repository import MODEL_FILE, sha256_file
+from proxy.routing.strategy import Strategy, create_strategy
 
 
 class StatsBook:

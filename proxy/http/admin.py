@@ -13,8 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
-from .backends import LocalBackend
-from .monitor.metrics import (
+from proxy.http.metrics import (
     CONTENT_TYPE,
     MonitorSnapshot,
     MonitorView,
@@ -24,7 +23,8 @@ from .monitor.metrics import (
     create_registry,
     render,
 )
-from .serving import Serving
+from proxy.models.backends import LocalBackend
+from proxy.runtime.serving import Serving
 
 SERVING = web.AppKey("serving", Serving)
 REGISTRY = web.AppKey("registry", Registry)

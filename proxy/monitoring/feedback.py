@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from ..protocol import generated_seq
-from .tracker import Window
+from proxy.monitoring.tracker import Window
+from proxy.protocol.codec import generated_seq
 
 Array = np.ndarray[Any, Any]
 CORRECT = 1  # counter slot next to ROWS (0): correct answers, or the sum of absolute errors

@@ -13,16 +13,18 @@ from typing import Any
 
 import aiohttp
 
-from .config import Config, load_config
-from .errors import ConfigError
-from .plan import Plan, StatsBook, close_plan, create_plan, start_plan
-from .rollout import RolloutController, rollout_key
-from .routing import create_strategy
-from .runner import Runners
-from .shadow import BUSY_KEEP_EVERY
-from .state import Alerts, AuditLog, StateFile
-from .watch import Watch
-from .webhook import WebhookSender
+from proxy.config.load import load_config
+from proxy.config.schema import Config
+from proxy.engine.mirror import BUSY_KEEP_EVERY
+from proxy.engine.runner import Runners
+from proxy.errors import ConfigError
+from proxy.monitoring.alerts import Alerts
+from proxy.monitoring.watch import Watch
+from proxy.monitoring.webhook import WebhookSender
+from proxy.routing.rollout import RolloutController, rollout_key
+from proxy.routing.strategy import create_strategy
+from proxy.runtime.plan import Plan, StatsBook, close_plan, create_plan, start_plan
+from proxy.runtime.state import AuditLog, StateFile
 
 log = logging.getLogger("mlproxy")
 WATCH_INTERVAL_S = 0.25

@@ -12,10 +12,10 @@ from typing import Any
 
 import numpy as np
 
-from .config import BatchingConfig, LimitsConfig
-from .errors import OverloadedError, UpstreamError
-from .monitor.stats import LatencyHistogram
-from .runner import Runner, usable_cpus
+from proxy.config.schema import BatchingConfig, LimitsConfig
+from proxy.engine.runner import Runner, usable_cpus
+from proxy.engine.stats import LatencyHistogram
+from proxy.errors import OverloadedError, UpstreamError
 
 log = logging.getLogger("mlproxy.batching")
 Array = np.ndarray[Any, Any]
@@ -69,6 +69,16 @@ class BatchStats:
     run_cost_s: list[float | None] = field(default_factory=lambda: [None] * SIZE_CLASSES)
     batch_rows_hist: dict[int, int] = field(default_factory=dict)
     queue_wait: LatencyHistogram = field(default_factory=LatencyHistogram)
+
+
+@dataclass(frozen=True, slots=True)
+class BatcherState:
+    """What readers (status, metrics, overload watch) see of a batcher: its live counters and
+    its queue at the moment of asking."""
+
+    stats: BatchStats
+    queue_depth: int
+    inline_max_s: float
 
 
 class Batcher:
@@ -144,6 +154,9 @@ class Batcher:
     @property
     def in_flight(self) -> int:
         return self._in_flight
+
+    def state(self) -> BatcherState:
+        return BatcherState(self.stats, len(self._pending), self.inline_max_s)
 
     def submit(self, x: Array) -> asyncio.Future[dict[str, Array]]:
         """Queue rows `x`; the future resolves to this request's slice of every output."""

@@ -15,8 +15,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from .drift import Judgement
-from .stats import LatencyHistogram, VersionStats
+from proxy.engine.stats import LatencyHistogram, VersionStats
+from proxy.monitoring.drift import Judgement
 
 Registry = CollectorRegistry
 S = TypeVar("S")

@@ -11,8 +11,8 @@ import numpy as np
 import orjson
 from aiohttp import web
 
-from . import __version__
-from .errors import (
+from proxy import __version__
+from proxy.errors import (
     InvalidInputError,
     MethodNotAllowedError,
     ModelNotFoundError,
@@ -22,10 +22,15 @@ from .errors import (
     PayloadTooLargeError,
     ProxyError,
 )
-from .plan import ModelPlan, Plan
-from .protocol import BINARY_HEADER, encode_infer_response, parse_infer_request, parse_json_object
-from .routing import Route
-from .serving import Serving
+from proxy.protocol.codec import (
+    BINARY_HEADER,
+    encode_infer_response,
+    parse_infer_request,
+    parse_json_object,
+)
+from proxy.routing.strategy import Route
+from proxy.runtime.plan import ModelPlan, Plan
+from proxy.runtime.serving import Serving
 
 log = logging.getLogger("mlproxy")
 JSON = "application/json"

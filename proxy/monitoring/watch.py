@@ -5,27 +5,60 @@ from __future__ import annotations
 import functools
 import time
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from time import perf_counter
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
-from .backends import LocalBackend
-from .config import AlertsConfig
-from .model_config import DriftConfig
-from .monitor.baseline import Baseline
-from .monitor.feedback import AccuracyTracker, PredictionStore
-from .monitor.stats import LatencyHistogram
-from .monitor.tracker import DriftEvent, VersionMonitor
-from .plan import Plan
-from .state import Alerts
+from proxy.config.schema import AlertsConfig, Config, DriftConfig, ModelConfig
+from proxy.engine.batching import BatcherState, Observer
+from proxy.engine.stats import LatencyHistogram, VersionStats
+from proxy.monitoring.alerts import Alerts
+from proxy.monitoring.baseline import Baseline
+from proxy.monitoring.feedback import AccuracyTracker, PredictionStore
+from proxy.monitoring.tracker import DriftEvent, VersionMonitor
 
 Array = np.ndarray[Any, Any]
 HISTORY_POINTS = 120  # latency history kept per version, one point per HISTORY_EVERY_S
 HISTORY_EVERY_S = 2.0
 DUPLICATE_ALERT = 0.2  # one identical row taking this share of recent rows: a stuck client
 DUPLICATE_CLEAR = 0.1
+
+
+class WatchedVersion(Protocol):
+    """What the watch needs of a served version (models.backends.Backend is one)."""
+
+    @property
+    def manifest_raw(self) -> dict[str, Any]: ...
+
+    def set_observer(self, observer: Observer | None) -> None: ...
+
+    def batcher_state(self) -> BatcherState | None: ...
+
+
+class WatchedModel(Protocol):
+    """What the watch needs of a served model (runtime.plan.ModelPlan is one)."""
+
+    @property
+    def config(self) -> ModelConfig: ...
+
+    @property
+    def backends(self) -> Mapping[str, WatchedVersion]: ...
+
+    @property
+    def stats(self) -> Mapping[str, VersionStats]: ...
+
+
+class WatchedPlan(Protocol):
+    """What the watch needs of the plan in force (runtime.plan.Plan is one)."""
+
+    @property
+    def config(self) -> Config: ...
+
+    @property
+    def models(self) -> Mapping[str, WatchedModel]: ...
 
 
 @dataclass
@@ -62,7 +95,7 @@ class Watch:
 
     # ---------------------------------------------------------------- wiring
 
-    def attach(self, plan: Plan) -> None:
+    def attach(self, plan: WatchedPlan) -> None:
         """Give every version of a (new) plan its watch: monitors outlive plans and reloads."""
         self.alerts_config = plan.config.alerts
         for name, mp in plan.models.items():
@@ -230,7 +263,7 @@ class Watch:
 
     # ---------------------------------------------------------------- software
 
-    def housekeeping(self, now: float, plan: Plan, stats: Any) -> None:
+    def housekeeping(self, now: float, plan: WatchedPlan, stats: Any) -> None:
         """Periodic step (every 0.25 s in the server; tests call it): flush monitors, judge input
         anomalies and overload, and sample latency history."""
         self.flush()
@@ -266,13 +299,14 @@ class Watch:
     def loop_lag(self, lag_s: float) -> None:
         self.loop_lag_s = max(lag_s, 0.0)
 
-    def _check_overload(self, now: float, plan: Plan) -> None:
+    def _check_overload(self, now: float, plan: WatchedPlan) -> None:
         cfg = self.alerts_config
         waits = []
         for mp in plan.models.values():
             for b in mp.backends.values():
-                if isinstance(b, LocalBackend) and b.batcher.queue_depth:
-                    waits.append(b.batcher.stats.last_wait_s)
+                state = b.batcher_state()
+                if state is not None and state.queue_depth:
+                    waits.append(state.stats.last_wait_s)
         queue_limit = plan.config.limits.queue_timeout_ms / 2000.0
         hot = self.loop_lag_s * 1000.0 > cfg.overload_lag_ms or any(w > queue_limit for w in waits)
         if hot:
@@ -297,7 +331,7 @@ class Watch:
                 "overload", "load back to normal", loop_lag_ms=round(self.loop_lag_s * 1000, 3)
             )
 
-    def _sample_history(self, plan: Plan, stats: Any) -> None:
+    def _sample_history(self, plan: WatchedPlan, stats: Any) -> None:
         t = perf_counter()
         for name, mp in plan.models.items():
             for version in mp.backends:

@@ -4,73 +4,21 @@ from __future__ import annotations
 
 import hashlib
 import tomllib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
-from .model_config import ModelConfig, parse_model
-from .tables import TableReader, port_key, positive_key
-
-
-@dataclass(frozen=True, slots=True)
-class ServerConfig:
-    """[server]: where the data plane listens."""
-
-    host: str = "127.0.0.1"
-    port: int = 8080
-    workers: int = 1
-    max_body_bytes: int = 4 * 1024 * 1024
-
-
-@dataclass(frozen=True, slots=True)
-class AdminConfig:
-    """[admin]: the admin API, /metrics and the dashboard."""
-
-    host: str = "127.0.0.1"
-    port: int = 8081
-    token_env: str = "MLPROXY_ADMIN_TOKEN"
-
-
-@dataclass(frozen=True, slots=True)
-class LimitsConfig:
-    """[limits]: load shedding."""
-
-    max_inflight: int = 512
-    queue_timeout_ms: float = 100.0
-    adaptive: bool = True
-
-
-@dataclass(frozen=True, slots=True)
-class BatchingConfig:
-    """[batching]: the micro-batcher in front of each local ONNX version."""
-
-    max_batch_size: int = 64
-    max_delay_ms: float = 1.0
-    inline_max_us: float = 50.0
-
-
-@dataclass(frozen=True, slots=True)
-class AlertsConfig:
-    """[alerts]"""
-
-    webhook: str = ""
-    overload_lag_ms: float = 100.0  # event-loop lag that, held for overload_for_s, raises overload
-    overload_for_s: float = 5.0
-
-
-@dataclass(frozen=True, slots=True)
-class Config:
-    """The whole validated config file."""
-
-    server: ServerConfig
-    admin: AdminConfig
-    limits: LimitsConfig
-    batching: BatchingConfig
-    alerts: AlertsConfig
-    models: dict[str, ModelConfig]
-    source: str = "config.toml"
-    digest: str = ""
+from proxy.config.model import parse_model
+from proxy.config.schema import (
+    AdminConfig,
+    AlertsConfig,
+    BatchingConfig,
+    Config,
+    LimitsConfig,
+    ModelConfig,
+    ServerConfig,
+)
+from proxy.config.tables import TableReader, port_key, positive_key
+from proxy.errors import ConfigError
 
 
 def parse_config(data: dict[str, Any], *, base_dir: Path, source: str = "config.toml") -> Config:

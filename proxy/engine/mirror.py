@@ -7,15 +7,14 @@ import contextlib
 import logging
 from collections.abc import Callable
 from time import perf_counter
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
-from .backends import Backend
-from .monitor.stats import MirrorStats, compare_outputs
+from proxy.engine.stats import MirrorStats, compare_outputs
 
 Array = np.ndarray[Any, Any]
-log = logging.getLogger("mlproxy.shadow")
+log = logging.getLogger("mlproxy.mirror")
 # Mirrors are not latency-bound: a mirror batch waits up to LINGER_S to fill up to
 # MIRROR_BATCH_ROWS, so that the loop pays for one run and one comparison per ~100 requests.
 LINGER_S = 0.02
@@ -28,6 +27,18 @@ BUSY_KEEP_EVERY = 32
 # ...and batches linger this long instead of LINGER_S: at 90%+ utilisation even the per-batch
 # cost (a timer, a thread wake-up, a result callback) shows in every primary's queueing.
 BUSY_LINGER_S = 0.2
+
+
+class Mirror(Protocol):
+    """What a lane needs of the version it feeds (models.backends.Backend is one)."""
+
+    @property
+    def version(self) -> str: ...
+
+    @property
+    def kind(self) -> str: ...
+
+    async def infer(self, x: Array, *, background: bool = False) -> dict[str, Array]: ...
 
 
 class MirrorLane:
@@ -50,7 +61,7 @@ class MirrorLane:
 
     def __init__(
         self,
-        backend: Backend,
+        backend: Mirror,
         stats: MirrorStats,
         *,
         queue_rows: int,

@@ -6,18 +6,32 @@ import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import orjson
 
-from .model_config import CanaryConfig, ModelConfig
-from .monitor.stats import LatencyHistogram, VersionStats
-from .state import Alerts, AuditLog, StateFile
+from proxy.config.schema import CanaryConfig, ModelConfig
+from proxy.engine.stats import LatencyHistogram, VersionStats
+from proxy.monitoring.alerts import Alerts
 
 log = logging.getLogger("mlproxy.rollout")
 Status = Literal["progressing", "holding", "promoted", "rolled_back"]
 Action = Literal["wait", "step", "promote", "rollback"]
+
+
+class DecisionStore(Protocol):
+    """Where rollout decisions survive a restart (runtime.state.StateFile is one)."""
+
+    def get(self, model: str) -> dict[str, Any] | None: ...
+
+    def put(self, model: str, entry: dict[str, Any] | None) -> None: ...
+
+
+class Audit(Protocol):
+    """Where every change of what is served is recorded (runtime.state.AuditLog is one)."""
+
+    def append(self, event: str, **fields: Any) -> dict[str, Any]: ...
 
 
 def rollout_key(model: ModelConfig) -> str:
@@ -78,8 +92,8 @@ class RolloutController:
         *,
         canary_stats: VersionStats,
         stable_stats: VersionStats,
-        state: StateFile,
-        audit: AuditLog,
+        state: DecisionStore,
+        audit: Audit,
         alerts: Alerts,
         apply: Callable[[dict[str, float]], None],
         now: float,

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from .errors import InvalidInputError, NonFiniteInputError, UpstreamError
+from proxy.errors import InvalidInputError, NonFiniteInputError, UpstreamError
 
 # V2 datatype <-> numpy dtype (little-endian, as the binary extension requires).
 DTYPES: dict[str, np.dtype[Any]] = {

@@ -11,8 +11,8 @@ import numpy as np
 import onnxruntime as ort
 import orjson
 
-from .errors import ModelLoadError
-from .protocol import DTYPES, TensorSpec, parse_tensor_specs
+from proxy.errors import ModelLoadError
+from proxy.protocol.codec import DTYPES, TensorSpec, parse_tensor_specs
 
 MODEL_FILE = "model.onnx"
 MANIFEST_FILE = "manifest.json"

@@ -12,13 +12,17 @@ import aiohttp
 import numpy as np
 import orjson
 
-from .batching import Batcher, Observer, inline_limit_s
-from .config import BatchingConfig, LimitsConfig
-from .errors import ModelLoadError, UpstreamError, UpstreamTimeoutError
-from .model_config import VersionConfig
-from .protocol import TensorSpec, decode_infer_response, encode_infer_request, parse_tensor_specs
-from .repository import OnnxModel
-from .runner import Runners, usable_cpus
+from proxy.config.schema import BatchingConfig, LimitsConfig, VersionConfig
+from proxy.engine.batching import Batcher, BatcherState, Observer, inline_limit_s
+from proxy.engine.runner import Runners, usable_cpus
+from proxy.errors import ModelLoadError, UpstreamError, UpstreamTimeoutError
+from proxy.models.repository import OnnxModel
+from proxy.protocol.codec import (
+    TensorSpec,
+    decode_infer_response,
+    encode_infer_request,
+    parse_tensor_specs,
+)
 
 Array = np.ndarray[Any, Any]
 log = logging.getLogger("mlproxy.backends")
@@ -38,6 +42,9 @@ class Backend(Protocol):
         """Who sees every serving answer's rows and outputs (drift monitoring)."""
 
     async def infer(self, x: Array, *, background: bool = False) -> dict[str, Array]: ...
+
+    def batcher_state(self) -> BatcherState | None:
+        """The micro-batcher's counters and queue; None where the version has no batcher."""
 
     def metadata(self) -> dict[str, Any]: ...
 
@@ -61,6 +68,9 @@ class LocalBackend:
 
     def set_observer(self, observer: Observer | None) -> None:
         self.batcher.observer = observer
+
+    def batcher_state(self) -> BatcherState:
+        return self.batcher.state()
 
     async def infer(self, x: Array, *, background: bool = False) -> dict[str, Array]:
         """Serving requests go through the batcher; background work (already batched by its
@@ -150,6 +160,9 @@ class RemoteBackend:
 
     def set_observer(self, observer: Observer | None) -> None:
         self.observer = observer
+
+    def batcher_state(self) -> None:
+        return None
 
     async def infer(self, x: Array, *, background: bool = False) -> dict[str, Array]:
         body = encode_infer_request(x, self.input)

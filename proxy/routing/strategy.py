@@ -6,7 +6,7 @@ import hashlib
 import math
 from dataclasses import dataclass
 
-from .model_config import ModelConfig
+from proxy.config.schema import ModelConfig
 
 _TWO_64 = float(2**64)
 

@@ -1,0 +1,1 @@
+"""config.toml: the schema (frozen dataclasses), parsing with key-named errors, loading."""

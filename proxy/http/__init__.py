@@ -1,0 +1,1 @@
+"""The two HTTP planes: data (Open Inference Protocol) and admin (status, metrics, dashboard)."""

@@ -1,1 +1,0 @@
-"""Monitoring: streaming statistics per model version (pure numpy) and their Prometheus export."""

@@ -1,0 +1,1 @@
+"""Watching what is served: histograms, baseline, drift tests, feedback, alerts, webhook."""

@@ -1,0 +1,1 @@
+"""Which version answers: strategies and sticky hashing (pure), and the progressive rollout."""

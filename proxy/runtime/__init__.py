@@ -1,0 +1,1 @@
+"""The plan in force and what changes it: reloads, the background scheduler, state and audit."""
