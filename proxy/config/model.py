@@ -20,7 +20,7 @@ from proxy.config.schema import (
     ShadowConfig,
     VersionConfig,
 )
-from proxy.config.tables import TableReader, is_kind, positive_key
+from proxy.config.tables import TableReader, field_default, is_kind, positive_key
 
 
 def _version_ref(
@@ -45,7 +45,7 @@ def parse_model(name: str, table: Any, base_dir: Path, errors: list[str]) -> Mod
     if mode not in MODES:
         r.error(f"must be one of {', '.join(MODES)}, not {mode!r}", "mode")
     stable = r.get("stable", "a string")
-    sticky_key = r.get("sticky_key", "a string", None)
+    sticky_key = r.get("sticky_key", "a string", field_default(ModelConfig, "sticky_key"))
     versions = _parse_versions(r.table_of("versions"), f"{key}.versions", base_dir, errors)
     if stable is not None and versions:
         _version_ref(r, "stable", stable, versions, name)
@@ -96,7 +96,9 @@ def _parse_versions(
         vr = TableReader(r.table.pop(vname), f"{key}.{vname}", errors)
         path = vr.get("path", "a string", None)
         url = vr.get("url", "a string", None)
-        timeout = positive_key(vr, "timeout_ms", "a number", 1000.0)
+        timeout = positive_key(
+            vr, "timeout_ms", "a number", field_default(VersionConfig, "timeout_ms")
+        )
         baseline = vr.get("baseline", "a string", None)
         vr.done()
         if (path is None) == (url is None):
@@ -113,11 +115,11 @@ def _parse_versions(
             continue
         resolved = None if path is None else (base_dir / path)
         versions[vname] = VersionConfig(
-            vname,
-            resolved,
-            url.rstrip("/") if url else None,
-            timeout,
-            None if baseline is None else base_dir / baseline,
+            name=vname,
+            path=resolved,
+            url=url.rstrip("/") if url else None,
+            timeout_ms=timeout,
+            baseline=None if baseline is None else base_dir / baseline,
         )
     if not versions and not raw:
         errors.append(f"{key}: at least one version is required")
@@ -175,34 +177,47 @@ def _parse_canary(
             )
             return None
         canary = others[0]
-    return CanaryConfig(weights, steps, interval if interval is not None else 60.0, gates, canary)
+    return CanaryConfig(
+        weights=weights,
+        steps=steps,
+        step_interval_s=(
+            interval if interval is not None else field_default(CanaryConfig, "step_interval_s")
+        ),
+        gates=gates,
+        canary=canary,
+    )
 
 
 def _parse_gates(r: TableReader) -> GatesConfig:
     d = GatesConfig()
-    err = r.get("max_error_rate", "a number", None)
-    max_psi = positive_key(r, "max_psi", "a number", None)
-    p99 = positive_key(r, "max_p99_ms", "a number", None)
-    agree = r.get("min_agreement", "a number", None)
-    min_requests = positive_key(r, "min_requests", "an integer", d.min_requests)
+    gates = GatesConfig(
+        max_error_rate=r.get("max_error_rate", "a number", d.max_error_rate),
+        max_psi=positive_key(r, "max_psi", "a number", d.max_psi),
+        max_p99_ms=positive_key(r, "max_p99_ms", "a number", d.max_p99_ms),
+        min_agreement=r.get("min_agreement", "a number", d.min_agreement),
+        min_requests=positive_key(r, "min_requests", "an integer", d.min_requests),
+    )
     r.done()
-    for name, value in (("max_error_rate", err), ("min_agreement", agree)):
+    for name in ("max_error_rate", "min_agreement"):
+        value = getattr(gates, name)
         if value is not None and not 0.0 <= value <= 1.0:
             r.error(f"must be a fraction in 0..1, not {value}", name)
-    return GatesConfig(err, p99, agree, min_requests, max_psi)
+    return gates
 
 
 def _parse_shadow(
     r: TableReader, versions: dict[str, VersionConfig], model: str
 ) -> ShadowConfig | None:
-    d = ShadowConfig("", ())
+    def d(name: str) -> Any:
+        return field_default(ShadowConfig, name)
+
     primary = r.get("primary", "a string")
     mirrors = r.get("mirrors", "an array")
-    sample = r.get("sample", "a number", d.sample)
-    queue_rows = positive_key(r, "queue_rows", "an integer", d.queue_rows)
-    timeout = positive_key(r, "timeout_ms", "a number", d.timeout_ms)
-    failures = positive_key(r, "breaker_failures", "an integer", d.breaker_failures)
-    pause = positive_key(r, "breaker_pause_s", "a number", d.breaker_pause_s, allow_zero=True)
+    sample = r.get("sample", "a number", d("sample"))
+    queue_rows = positive_key(r, "queue_rows", "an integer", d("queue_rows"))
+    timeout = positive_key(r, "timeout_ms", "a number", d("timeout_ms"))
+    failures = positive_key(r, "breaker_failures", "an integer", d("breaker_failures"))
+    pause = positive_key(r, "breaker_pause_s", "a number", d("breaker_pause_s"), allow_zero=True)
     r.done()
     ok = _version_ref(r, "primary", primary, versions, model)
     if sample is not None and not 0.0 <= sample <= 1.0:
@@ -224,7 +239,15 @@ def _parse_shadow(
         ok = False
     if not ok:
         return None
-    return ShadowConfig(primary, tuple(mirrors), sample, queue_rows, timeout, failures, pause)
+    return ShadowConfig(
+        primary=primary,
+        mirrors=tuple(mirrors),
+        sample=sample,
+        queue_rows=queue_rows,
+        timeout_ms=timeout,
+        breaker_failures=failures,
+        breaker_pause_s=pause,
+    )
 
 
 def _parse_blue_green(
@@ -242,27 +265,30 @@ def _parse_blue_green(
     if ok and blue == green:
         r.error(f"blue and green are both {blue}; they must be two versions", "green")
         ok = False
-    return BlueGreenConfig(blue, green, active) if ok else None
+    return BlueGreenConfig(blue=blue, green=green, active=active) if ok else None
 
 
 def _parse_drift(r: TableReader) -> DriftConfig:
     d = DriftConfig()
-    window = positive_key(r, "window", "an integer", d.window)
-    long_window = positive_key(r, "long_window", "an integer", d.long_window)
-    warn = positive_key(r, "psi_warn", "a number", d.psi_warn)
-    alert = positive_key(r, "psi_alert", "a number", d.psi_alert)
-    enabled = r.get("enabled", "a boolean", d.enabled)
-    margin = positive_key(r, "accuracy_margin", "a number", d.accuracy_margin, allow_zero=True)
-    min_feedback = positive_key(r, "min_feedback", "an integer", d.min_feedback)
-    predictions = positive_key(r, "predictions", "an integer", d.predictions)
-    mae_margin = positive_key(r, "mae_margin", "a number", d.mae_margin, allow_zero=True)
+    drift = DriftConfig(
+        window=positive_key(r, "window", "an integer", d.window),
+        long_window=positive_key(r, "long_window", "an integer", d.long_window),
+        psi_warn=positive_key(r, "psi_warn", "a number", d.psi_warn),
+        psi_alert=positive_key(r, "psi_alert", "a number", d.psi_alert),
+        enabled=r.get("enabled", "a boolean", d.enabled),
+        accuracy_margin=positive_key(
+            r, "accuracy_margin", "a number", d.accuracy_margin, allow_zero=True
+        ),
+        min_feedback=positive_key(r, "min_feedback", "an integer", d.min_feedback),
+        predictions=positive_key(r, "predictions", "an integer", d.predictions),
+        mae_margin=positive_key(r, "mae_margin", "a number", d.mae_margin, allow_zero=True),
+    )
     r.done()
+    window, long_window = drift.window, drift.long_window
     if window and long_window and long_window < window:
         r.error(f"must be >= window ({window}), not {long_window}", "long_window")
-    if warn and alert and alert < warn:
-        r.error(f"must be >= psi_warn ({warn}), not {alert}", "psi_alert")
+    if drift.psi_warn and drift.psi_alert and drift.psi_alert < drift.psi_warn:
+        r.error(f"must be >= psi_warn ({drift.psi_warn}), not {drift.psi_alert}", "psi_alert")
     if window and window < 10:
         r.error(f"must be >= 10 rows, not {window}", "window")
-    return DriftConfig(
-        window, long_window, warn, alert, enabled, margin, min_feedback, predictions, mae_margin
-    )
+    return drift

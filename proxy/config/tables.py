@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -85,3 +86,16 @@ def positive_key(
     if value is not None and (value < 0 or (value == 0 and not allow_zero)):
         r.error(f"must be {'>= 0' if allow_zero else '> 0'}, not {value}", name)
     return value
+
+
+def field_default(cls: type[Any], name: str) -> Any:
+    """The default of dataclass `cls`'s field `name`: a parser reads a missing key's default here,
+    so it is written once, on the dataclass (for classes whose every field has one, `Cls()` does)."""
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            if f.default is not dataclasses.MISSING:
+                return f.default
+            if f.default_factory is not dataclasses.MISSING:
+                return f.default_factory()
+            raise TypeError(f"{cls.__name__}.{name} has no default")
+    raise TypeError(f"{cls.__name__} has no field {name}")
