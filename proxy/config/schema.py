@@ -164,9 +164,9 @@ class DriftConfig:
     window: int = 2000
     # Rows in the long sliding window (gradual change). Must be >= `window`.
     long_window: int = 50000
-    # PSI at which a feature or output is at level warn (> 0).
+    # A feature or output whose PSI (in either window) is above this is at level warn (> 0).
     psi_warn: float = 0.1
-    # PSI at which a drift alert fires (must be >= `psi_warn`).
+    # A PSI above this raises a drift alert (must be >= `psi_warn`).
     psi_alert: float = 0.25
     # false turns off histograms, drift, input anomalies and the prediction store for the model
     # (feedback is then refused with 400).
