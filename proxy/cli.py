@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import logging
 import sys
 from pathlib import Path
 
-from proxy.config.load import load_config
+from proxy.config.load import inactive_settings, load_config
 from proxy.errors import ConfigError, ModelLoadError
+
+# What `package` and `demo-models` import beyond serving: the `package` extra (joblib comes
+# with scikit-learn). Checked up front so that a serving-only install says what to do.
+TRAINING_MODULES = ("sklearn", "skl2onnx", "onnx", "joblib")
+PACKAGE_EXTRA = "pip install 'mlproxy[package]'"
+
+log = logging.getLogger("proxy.cli")
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -22,13 +30,8 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 1
-    if config.server.workers != 1:
-        print(
-            f"{config.source}:server.workers: {config.server.workers} is not supported yet;"
-            " this release serves with one process (workers = 1)",
-            file=sys.stderr,
-        )
-        return 1
+    for warning in inactive_settings(config):
+        log.warning("%s", warning)
     try:
         uvloop.run(serve(config))
     except ConfigError as exc:
@@ -41,25 +44,43 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 async def _check_models(config_path: str) -> list[str]:
+    """Load the config and every model it names; returns the warnings for inactive settings."""
     from proxy.runtime.serving import close_serving, create_serving
 
     config = load_config(config_path)
     serving = await create_serving(config)
     await close_serving(serving)
-    return []
+    return inactive_settings(config)
 
 
 def _check(args: argparse.Namespace) -> int:
     try:
-        asyncio.run(_check_models(args.config))
+        warnings = asyncio.run(_check_models(args.config))
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 1
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"{args.config}: ok")
     return 0
 
 
+def _missing_training_extra(command: str) -> bool:
+    """True (after saying how to install it) when the `package` extra is not installed."""
+    missing = [m for m in TRAINING_MODULES if importlib.util.find_spec(m) is None]
+    if not missing:
+        return False
+    print(
+        f"mlproxy {command} needs the training extra (missing: {', '.join(missing)}):"
+        f" {PACKAGE_EXTRA}",
+        file=sys.stderr,
+    )
+    return True
+
+
 def _package(args: argparse.Namespace) -> int:
+    if _missing_training_extra("package"):
+        return 1
     import joblib
     import numpy as np
 
@@ -104,6 +125,8 @@ def _package(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    if _missing_training_extra("demo-models"):
+        return 1
     from proxy.packaging import build_demo_models
 
     for path in build_demo_models(Path(args.repo)):

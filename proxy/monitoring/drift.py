@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from scipy.special import chdtrc  # chi-square survival function; scipy comes with scikit-learn
+from scipy.special import chdtrc  # chi-square survival function (scipy: a core dependency)
 
 EPS = 1e-4  # floor for empty bins, so PSI stays finite (a common choice: 0.0001)
 Array = np.ndarray[Any, Any]
