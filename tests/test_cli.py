@@ -34,8 +34,17 @@ def write(
     port: int = 0,
     admin: int = 0,
     weights: str = "v1 = 90, v2 = 10",
+    workers: int = 1,
+    adaptive: bool = True,
 ) -> Path:
+    """The shipped config.toml with the models, ports and these values put in."""
     text = (ROOT / "config.toml").read_text()
+    for key, shipped, value in (
+        ("workers", "1", str(workers)),
+        ("adaptive", "true", str(adaptive).lower()),
+    ):
+        assert f"\n{key} = {shipped} " in text, f"the shipped config.toml changed its {key} line"
+        text = text.replace(f"\n{key} = {shipped} ", f"\n{key} = {value} ")
     text = text.replace('"models/cancer/', f'"{model_repo}/cancer/')
     text = text.replace("port = 8080", f"port = {port}").replace("port = 8081", f"port = {admin}")
     text = text.replace("weights = { v1 = 90, v2 = 10 }", f"weights = {{ {weights} }}")
@@ -72,6 +81,24 @@ def test_check_prints_each_error_as_file_key_reason(tmp_path: Path, repo: Path) 
     assert (
         f"{path}:models.cancer.versions.v2: {repo}/cancer/v2/model.onnx: sha256 is" in done.stderr
     )
+
+
+def test_check_warns_of_settings_accepted_but_not_active_yet(
+    tmp_path: Path, model_repo: Path
+) -> None:
+    path = write(tmp_path, model_repo, workers=0, adaptive=True)
+    done = run("check", str(path))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"{path}: ok"
+    assert done.stderr.splitlines() == [
+        f"warning: {path}:server.workers: 0 (one per core) is accepted and not active yet;"
+        " this release serves with one process",
+        f"warning: {path}:limits.adaptive: true is accepted and not active yet; the in-flight"
+        " limit stays at limits.max_inflight (512)",
+    ]
+    # what runs anyway loads silently
+    done = run("check", str(write(tmp_path, model_repo, workers=1, adaptive=False)))
+    assert (done.returncode, done.stderr) == (0, ""), done.stderr
 
 
 def _get(url: str, body: bytes | None = None) -> tuple[int, dict[str, str], bytes]:
@@ -147,8 +174,9 @@ def serve_process(path: Path, port: int) -> Iterator[Served]:
 def test_serve_answers_and_stops_cleanly_on_sigterm(
     tmp_path: Path, model_repo: Path, cancer_rows: object
 ) -> None:
+    """workers = 2 is accepted and not active yet: serve warns and serves with one process."""
     port, admin = free_port(), free_port()
-    path = write(tmp_path, model_repo, port=port, admin=admin)
+    path = write(tmp_path, model_repo, port=port, admin=admin, workers=2)
     with serve_process(path, port) as served:
         row = cancer_rows[0].tolist()  # type: ignore[index]
         body = orjson.dumps(
@@ -161,6 +189,11 @@ def test_serve_answers_and_stops_cleanly_on_sigterm(
         assert orjson.loads(payload)["models"]["cancer"]["mode"] == "canary"
     assert served.proc.returncode == 0, served.output
     assert "stopped" in served.output
+    assert (
+        f"WARNING proxy.cli: {path}:server.workers: 2 is accepted and not active yet;"
+        " this release serves with one process" in served.output
+    )
+    assert f"WARNING proxy.cli: {path}:limits.adaptive: true is accepted" in served.output
 
 
 def test_locustfile_runs_against_a_live_proxy(tmp_path: Path, model_repo: Path) -> None:

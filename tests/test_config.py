@@ -6,7 +6,19 @@ from pathlib import Path
 
 import pytest
 
-from proxy.config.load import load_config
+from proxy.config.load import inactive_settings, load_config
+from proxy.config.schema import (
+    AdminConfig,
+    AlertsConfig,
+    BatchingConfig,
+    CanaryConfig,
+    DriftConfig,
+    GatesConfig,
+    LimitsConfig,
+    ServerConfig,
+    ShadowConfig,
+    VersionConfig,
+)
 from proxy.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -191,3 +203,46 @@ def test_invalid_toml_and_missing_file(tmp_path: Path) -> None:
     assert "invalid TOML" in errors[0]
     with pytest.raises(ConfigError, match="cannot read file"):
         load_config(tmp_path / "absent.toml")
+
+
+def test_a_missing_key_takes_its_dataclass_default(tmp_path: Path) -> None:
+    """Defaults live on the schema's dataclasses only: a config that leaves every optional key
+    out equals them (a default repeated in a parser and then changed in one place fails here)."""
+    path = tmp_path / "c.toml"
+    text = GOOD.replace(
+        "weights = { v1 = 90, v2 = 10 }", "weights = { v1 = 90, v2 = 10 }\nsteps = [50]"
+    )
+    text += '[models.cancer.shadow]\nprimary = "v1"\nmirrors = ["v2"]\n'
+    text += '[models.cancer.blue_green]\nblue = "v1"\ngreen = "v2"\n'
+    path.write_text(text)
+    config = load_config(path)
+    assert (config.server, config.admin, config.limits) == (
+        ServerConfig(),
+        AdminConfig(),
+        LimitsConfig(),
+    )
+    assert (config.batching, config.alerts) == (BatchingConfig(), AlertsConfig())
+    m = config.models["cancer"]
+    assert m.versions["v1"] == VersionConfig(name="v1", path=tmp_path / "models/cancer/v1")
+    assert m.drift == DriftConfig() and m.sticky_key is None
+    assert m.canary == CanaryConfig(
+        weights={"v1": 90.0, "v2": 10.0}, steps=(50.0,), canary="v2", gates=GatesConfig()
+    )
+    assert m.shadow == ShadowConfig(primary="v1", mirrors=("v2",))
+    assert m.blue_green is not None and m.blue_green.active == "blue"
+
+
+def test_inactive_settings_warn_only_when_they_ask_for_something(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[server]\nworkers = 1\n[limits]\nadaptive = false\n" + GOOD)
+    assert inactive_settings(load_config(path)) == []
+    path.write_text("[server]\nworkers = 0\n[limits]\nadaptive = true\nmax_inflight = 7\n" + GOOD)
+    assert inactive_settings(load_config(path)) == [
+        f"{path}:server.workers: 0 (one per core) is accepted and not active yet;"
+        " this release serves with one process",
+        f"{path}:limits.adaptive: true is accepted and not active yet; the in-flight limit"
+        " stays at limits.max_inflight (7)",
+    ]
+    path.write_text("[server]\nworkers = 4\n[limits]\nadaptive = false\n" + GOOD)
+    (warning,) = inactive_settings(load_config(path))
+    assert warning.startswith(f"{path}:server.workers: 4 is accepted and not active yet")
