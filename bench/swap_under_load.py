@@ -27,32 +27,23 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import orjson
-from sklearn.datasets import load_breast_cancer
+from harness.floors import Check
+from harness.payloads import cancer_rows, infer_bodies
+from harness.report import md_table, write_json
+from harness.servers import INFER_PATH, MODELS, ROOT, STATUS_PATH, ServerSpec, running
+from harness.transcript import Transcript
 
-ROOT = Path(__file__).resolve().parent.parent
-MODELS = ROOT / "models" / "cancer"
 CONNS = 64
+N_ROWS = 64  # distinct breast-cancer rows the users cycle through
 SWITCH_DEADLINE_S = 2.0
-READY_TIMEOUT_S = 60.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass(frozen=True)
@@ -167,20 +158,10 @@ def write_like_an_editor(path: Path, text: str) -> None:
 
 
 async def drive(args: argparse.Namespace, path: Path, port: int, admin: int) -> dict[str, Any]:
-    rows = load_breast_cancer().data.astype("float32")
-    bodies = [
-        orjson.dumps(
-            {
-                "inputs": [
-                    {"name": "input", "shape": [1, 30], "datatype": "FP32", "data": r.tolist()}
-                ]
-            }
-        )
-        for r in rows[:64]
-    ]
+    bodies = infer_bodies(cancer_rows(N_ROWS, dtype="float32"))
     plan = edits(port, admin, args.edits)
     book = Book()
-    url = f"http://127.0.0.1:{port}/v2/models/cancer/infer"
+    url = f"http://127.0.0.1:{port}{INFER_PATH}"
     t0 = time.monotonic()
     deadline = t0 + args.duration
     done_edits: list[tuple[float, Edit]] = []
@@ -196,7 +177,7 @@ async def drive(args: argparse.Namespace, path: Path, port: int, admin: int) -> 
             write_like_an_editor(path, edit.text)
             done_edits.append((time.monotonic(), edit))
         await asyncio.gather(*users)
-        async with http.get(f"http://127.0.0.1:{admin}/admin/status") as resp:
+        async with http.get(f"http://127.0.0.1:{admin}{STATUS_PATH}") as resp:
             status = await resp.json()
     return {"book": book, "edits": done_edits, "status": status, "elapsed": time.monotonic() - t0}
 
@@ -226,7 +207,7 @@ def switch_times(book: Book, edits_done: list[tuple[float, Edit]]) -> list[dict[
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--duration", type=float, default=30.0)
     p.add_argument("--edits", type=int, default=30)
@@ -235,57 +216,58 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--output", type=Path, default=ROOT / "bench" / "results" / "swap_under_load.json"
     )
-    args = p.parse_args(argv)
-    if not (MODELS / "v1" / "manifest.json").exists():
-        print("run `mlproxy demo-models` first", file=sys.stderr)
-        return 2
-    port, admin = free_port(), free_port()
-    tmp = Path(tempfile.mkdtemp(prefix="swap-"))
+    return p.parse_args(argv)
+
+
+def serve_and_drive(args: argparse.Namespace, tmp: Path, t: Transcript) -> dict[str, Any]:
+    """Start the proxy on a blue-green config in `tmp`, then load it while editing the config."""
     path = tmp / "config.toml"
-    path.write_text(config_text(port, admin, blue_green("blue")))
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    log = (tmp / "server.log").open("wb")
-    proc = subprocess.Popen(
-        [
-            "taskset",
-            "-c",
-            str(args.server_cpu),
-            sys.executable,
-            "-m",
-            "proxy",
-            "serve",
-            "--config",
-            str(path),
-        ],
-        cwd=ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while True:
-            try:
-                with urllib.request.urlopen(
-                    f"http://127.0.0.1:{port}/v2/health/ready", timeout=1
-                ) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                print((tmp / "server.log").read_text(), file=sys.stderr)
-                return 2
-            time.sleep(0.05)  # readiness poll with a deadline
+
+    def cmd(port: int, admin: int, _tmp: Path) -> list[str]:
+        path.write_text(config_text(port, admin, blue_green("blue")))
+        return [sys.executable, "-m", "proxy", "serve", "--config", str(path)]
+
+    spec = ServerSpec("mlproxy", "mlproxy", cmd)
+    probe = infer_bodies(cancer_rows(1, dtype="float32"))[0]
+    with running(spec, tmp=tmp, cpu=args.server_cpu, probe_body=probe, transcript=t) as server:
         os.sched_setaffinity(0, {args.load_cpu})
-        result = asyncio.run(drive(args, path, port, admin))
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+        return asyncio.run(drive(args, path, server.port, server.admin_port))
+
+
+def checks(
+    non_200: int,
+    statuses: dict[int, int],
+    book: Book,
+    switches: list[dict[str, Any]],
+    result: dict[str, Any],
+) -> list[Check]:
+    reloads = result["status"]["config"]["reloads"]
+    worst = max((s["settled_s"] for s in switches), default=0.0)
+    valid = len(result["edits"]) - 1
+    errors = f"connection errors: {book.connection_errors} (must be 0) {book.error_samples}"
+    return [
+        Check(f"non-200 answers: {non_200} (must be 0) {statuses}", non_200 == 0, ""),
+        Check(errors, book.connection_errors == 0, ""),
+        Check(
+            f"every switch settled within {SWITCH_DEADLINE_S} s (slowest {worst:.3f} s)",
+            all(s["settled"] for s in switches),
+            "",
+        ),
+        Check(
+            f"the one invalid edit was refused (refused reloads: {reloads['error']})",
+            reloads["error"] == 1,
+            "",
+        ),
+        Check(
+            f"reloads applied: {reloads['ok']} of {valid} valid edits",
+            reloads["ok"] >= valid - 2,
+            "",
+        ),
+    ]
+
+
+def report(t: Transcript, result: dict[str, Any]) -> tuple[dict[str, Any], list[Check]]:
+    """Print the figures, the per-edit table and the checks; the JSON document."""
     book: Book = result["book"]
     statuses: dict[int, int] = {}
     for a in book.answers:
@@ -294,62 +276,60 @@ def main(argv: list[str] | None = None) -> int:
     switches = switch_times(book, result["edits"])
     reloads = result["status"]["config"]["reloads"]
     sent = len(book.answers) + book.connection_errors
-    print(
-        f"mlproxy config swaps under load: {CONNS} connections, {result['elapsed']:.1f} s, {len(result['edits'])} edits"
-    )
-    print()
-    print("| figure | value |")
-    print("|---|--:|")
-    print(f"| requests sent | {sent:,} |")
-    print(f"| requests/s | {sent / result['elapsed']:,.0f} |")
-    print(f"| non-200 answers | {non_200} |")
-    print(f"| connection errors | {book.connection_errors} |")
-    print(f"| reloads ok / refused | {reloads['ok']} / {reloads['error']} |")
     worst = max((s["settled_s"] for s in switches), default=0.0)
-    print(f"| slowest switch to the new version | {worst:.3f} s |")
-    print()
-    print("| edit | must answer | answers after | all from it after |")
-    print("|---|---|--:|--:|")
-    for s in switches:
-        print(f"| {s['edit']} | {s['expect']} | {s['answers_after']:,} | {s['settled_s']:.3f} s |")
-    checks = [
-        (non_200 == 0, f"non-200 answers: {non_200} (must be 0) {statuses}"),
-        (
-            book.connection_errors == 0,
-            f"connection errors: {book.connection_errors} (must be 0) {book.error_samples}",
-        ),
-        (
-            all(s["settled"] for s in switches),
-            f"every switch settled within {SWITCH_DEADLINE_S} s (slowest {worst:.3f} s)",
-        ),
-        (
-            reloads["error"] == 1,
-            f"the one invalid edit was refused (refused reloads: {reloads['error']})",
-        ),
-        (
-            reloads["ok"] >= len(result["edits"]) - 1 - 2,
-            f"reloads applied: {reloads['ok']} of {len(result['edits']) - 1} valid edits",
-        ),
-    ]
-    print()
-    for ok, text in checks:
-        print(f"- {'PASS' if ok else 'FAIL'} {text}")
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_bytes(
-        orjson.dumps(
-            {
-                "requests": sent,
-                "statuses": {str(k): v for k, v in statuses.items()},
-                "connection_errors": book.connection_errors,
-                "reloads": reloads,
-                "switches": switches,
-                "elapsed_s": result["elapsed"],
-                "edits": [e.label for _, e in result["edits"]],
-            },
-            option=orjson.OPT_INDENT_2,
-        )
+    t.out(
+        f"mlproxy config swaps under load: {CONNS} connections, {result['elapsed']:.1f} s,"
+        f" {len(result['edits'])} edits"
     )
-    return 0 if all(ok for ok, _ in checks) else 1
+    t.out()
+    rows = [
+        ["requests sent", f"{sent:,}"],
+        ["requests/s", f"{sent / result['elapsed']:,.0f}"],
+        ["non-200 answers", str(non_200)],
+        ["connection errors", str(book.connection_errors)],
+        ["reloads ok / refused", f"{reloads['ok']} / {reloads['error']}"],
+        ["slowest switch to the new version", f"{worst:.3f} s"],
+    ]
+    t.out(md_table(["figure", "value"], ["---", "--:"], rows))
+    t.out()
+    per_edit = [
+        [s["edit"], str(s["expect"]), f"{s['answers_after']:,}", f"{s['settled_s']:.3f} s"]
+        for s in switches
+    ]
+    header = ["edit", "must answer", "answers after", "all from it after"]
+    t.out(md_table(header, ["---", "---", "--:", "--:"], per_edit))
+    verdicts = checks(non_200, statuses, book, switches, result)
+    t.out()
+    for c in verdicts:
+        t.out(c.line())
+    doc = {
+        "requests": sent,
+        "statuses": {str(k): v for k, v in statuses.items()},
+        "connection_errors": book.connection_errors,
+        "reloads": reloads,
+        "switches": switches,
+        "elapsed_s": result["elapsed"],
+        "edits": [e.label for _, e in result["edits"]],
+    }
+    return doc, verdicts
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not (MODELS / "v1" / "manifest.json").exists():
+        print("run `mlproxy demo-models` first", file=sys.stderr)
+        return 2
+    t = Transcript()
+    with tempfile.TemporaryDirectory(prefix="swap-") as tmp:
+        try:
+            result = serve_and_drive(args, Path(tmp), t)
+        except RuntimeError as exc:  # the server did not come up: its log is in the message
+            print(exc, file=sys.stderr)
+            return 2
+    doc, verdicts = report(t, result)
+    write_json(args.output, doc)
+    t.save(args.output.with_suffix(".md"))
+    return 0 if all(c.ok for c in verdicts) else 1
 
 
 if __name__ == "__main__":
