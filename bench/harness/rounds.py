@@ -99,16 +99,19 @@ class Rounds:
         url, s = servers[name].base + INFER_PATH, self.settings
         return run_wrk(url, self.lua, conns=conns, duration=s.slice, cpu=s.load_cpu)
 
-    def open_slice(self, servers: dict[str, Server], rate: float, name: str) -> dict[str, Any]:
+    def open_run(self, port: int, rate: float, duration: int) -> dict[str, Any]:
         s = self.settings
         return run_open_loop(
-            servers[name].port,
+            port,
             self.bodies_file,
             rate=rate,
-            duration=s.open_slice,
+            duration=duration,
             warmup=s.open_warmup,
             cpu=s.load_cpu,
         )
+
+    def open_slice(self, servers: dict[str, Server], rate: float, name: str) -> dict[str, Any]:
+        return self.open_run(servers[name].port, rate, self.settings.open_slice)
 
     def slices(
         self, names: list[str], one: Callable[[str], dict[str, Any]], slice_s: int, i: int
@@ -177,14 +180,7 @@ def open_loop_rate(rounds: Rounds, srv: Server, target: float) -> float:
     s, rate = rounds.settings, target
     for factor in OPEN_LOOP_FACTORS:
         rate = target * factor
-        r = run_open_loop(
-            srv.port,
-            rounds.bodies_file,
-            rate=rate,
-            duration=s.duration,
-            warmup=s.open_warmup,
-            cpu=s.load_cpu,
-        )
+        r = rounds.open_run(srv.port, rate, s.duration)
         log_open(rounds.transcript, f"{srv.spec.name} (calibration)", r)
         if r["sustained"]:
             return rate
