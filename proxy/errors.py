@@ -32,6 +32,20 @@ class NotFoundError(ProxyError):
     status = 404
 
 
+class PredictionNotFoundError(NotFoundError):
+    """Feedback names a request id with no stored prediction."""
+
+    def __init__(self, model: str, request_id: str, kept: int) -> None:
+        super().__init__(
+            f"no stored prediction for id {request_id!r}: never answered by {model}, already"
+            f" joined, or dropped (only the last {kept} predictions are kept)"
+        )
+
+
+class InvalidFeedbackError(InvalidInputError):
+    """Feedback that does not fit its stored prediction (row count, label type)."""
+
+
 class ModelNotFoundError(ProxyError):
     """The model, or the version of it, is not served."""
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import signal
 
@@ -17,9 +16,6 @@ from proxy.runtime.serving import create_serving
 
 log = logging.getLogger("mlproxy")
 DRAIN_TIMEOUT_S = 10.0
-# Each request allocates dozens of short-lived containers; with the default gen-0 threshold (700)
-# the cyclic GC ran every ~20 requests and took ~10% of a busy core (py-spy, 4k req/s).
-GC_THRESHOLDS = (20_000, 20, 20)
 
 
 async def serve(
@@ -42,7 +38,7 @@ async def serve(
     reloads: set[asyncio.Task[object]] = set()
 
     def on_hup() -> None:
-        task = loop.create_task(serving.reload("SIGHUP"))
+        task = loop.create_task(serving.reloader.reload("SIGHUP"))
         reloads.add(task)
         task.add_done_callback(reloads.discard)
 
@@ -57,7 +53,7 @@ async def serve(
         create_data_server(serving), handle_signals=False, shutdown_timeout=drain_timeout_s
     )
     admin_runner = web.AppRunner(create_admin_app(serving), handle_signals=False, access_log=None)
-    background = loop.create_task(serving.run_background())
+    background = loop.create_task(serving.scheduler.run())
     try:
         await data_runner.setup()
         await admin_runner.setup()
@@ -65,9 +61,6 @@ async def serve(
         data_site = web.TCPSite(data_runner, s.host, s.port, backlog=2048)
         await data_site.start()
         await web.TCPSite(admin_runner, a.host, a.port).start()
-        gc.collect()
-        gc.freeze()  # what startup built lives forever: keep it out of every later collection
-        gc.set_threshold(*GC_THRESHOLDS)
         if ready is not None:
             ready.set()  # both planes listen
         log.info(
@@ -84,16 +77,17 @@ async def serve(
         await stop.wait()
         log.info(
             "stopping: no new connections; draining %d request(s) in flight (up to %.0f s)",
-            serving.inflight,
+            serving.current.inflight,
             drain_timeout_s,
         )
         await data_site.stop()  # closes the listening socket; open connections carry on
         if draining is not None:
             draining.set()
-        drained = await serving.drained(drain_timeout_s)
+        drained = await serving.current.drained(drain_timeout_s)
         if not drained:
             log.warning(
-                "drain timeout: %d request(s) still in flight are cut off", serving.inflight
+                "drain timeout: %d request(s) still in flight are cut off",
+                serving.current.inflight,
             )
         serving.audit.append("stop", digest=serving.config.digest, drained=drained)
     finally:

@@ -100,6 +100,6 @@ async def test_overload_is_503_with_retry_after(
         up.gate.set()
         assert (await asyncio.wait_for(held, timeout=10)).status == 200
         resp = await client.post("/v2/models/cancer/infer", json=infer_body(cancer_rows[:1]))
-        assert resp.status == 200 and serving.shed == 1
+        assert resp.status == 200 and serving.counters.shed_total == 1
     finally:
         await close_serving(upstream_serving)

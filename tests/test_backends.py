@@ -136,7 +136,7 @@ async def test_remote_version_with_a_baseline_is_watched_for_drift(
         rows = cancer_rows[rng.integers(0, len(cancer_rows), 10)]
         resp = await client.post("/v2/models/cancer/infer", json=infer_body(rows))
         assert resp.status == 200 and resp.headers["x-model-version"] == "v3"
-    serving.watch.flush()
+    serving.scheduler.housekeeping()
     vw = serving.watch.versions[("cancer", "v3")]
     assert vw.monitor is not None and vw.monitor.judged["short"].psi.max() < 0.25
     assert vw.holdout_accuracy is not None  # from the baseline manifest's metrics
@@ -145,8 +145,12 @@ async def test_remote_version_with_a_baseline_is_watched_for_drift(
     for i in range(0, 200, 10):
         resp = await client.post("/v2/models/cancer/infer", json=infer_body(shifted[i : i + 10]))
         assert resp.status == 200
-    serving.watch.flush()
-    drift = [a for a in serving.alerts.recent() if a["kind"] == "drift" and a["version"] == "v3"]
+    serving.scheduler.housekeeping()
+    drift = [
+        a
+        for a in [a.to_json() for a in serving.alerts.recent()]
+        if a["kind"] == "drift" and a["version"] == "v3"
+    ]
     assert any(a.get("feature") == "mean_area" and a["state"] == "firing" for a in drift), drift
 
 
@@ -193,10 +197,10 @@ async def test_a_changed_remote_baseline_reloads_the_version(
     section = watched_remote(model_repo, url, baseline)
     _client, serving = await start(write_config(section))
     before = serving.plan.models["cancer"].backends["v3"]
-    done = await serving.reload("test")
+    done = await serving.reloader.reload("test")
     assert done["outcome"] == "ok" and done["versions_loaded"] == 0  # same file: kept warm
     baseline.write_bytes((model_repo / "cancer" / "v1" / "manifest.json").read_bytes())
-    done = await serving.reload("test")
+    done = await serving.reloader.reload("test")
     assert done["outcome"] == "ok" and done["versions_loaded"] == 1
     after = serving.plan.models["cancer"].backends["v3"]
-    assert after is not before and after.manifest_raw["version"] == "v1"
+    assert after is not before and after.manifest is not None and after.manifest.version == "v1"

@@ -271,7 +271,7 @@ async def test_dashboard_renders_live_traffic_without_errors(
         for i in range(len(rows)):
             resp = await client.post("/v2/models/cancer/infer", json=infer_body(rows[i : i + 1]))
             assert resp.status == 200
-        serving.housekeeping(now=step * HISTORY_EVERY_S)
+        serving.scheduler.housekeeping(now=step * HISTORY_EVERY_S)
     admin = await aiohttp_server(create_admin_app(serving))
     # Kept beside the screenshot: what the page was given, for whoever reads a failure.
     async with ClientSession() as session, session.get(admin.make_url("/admin/monitor")) as resp:

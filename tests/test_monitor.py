@@ -296,16 +296,16 @@ async def test_drift_alert_fires_once_and_clears_once_at_the_webhook(
     # windows of 500 and 2500 rows: fill both with normal traffic, shift mean_area by 1 sd for
     # 600 rows, then send normal traffic until the long window has forgotten the shift
     await send_rows(client, ROWS[rng.integers(0, len(ROWS), 2500)])
-    serving.housekeeping()
+    serving.scheduler.housekeeping()
     assert not [a for a in received if a.get("state") == "firing"]
     shifted = ROWS[rng.integers(0, len(ROWS), 600)].copy()
     shifted[:, AREA] += SD[AREA]
     await send_rows(client, shifted)
-    serving.housekeeping()
+    serving.scheduler.housekeeping()
     await send_rows(client, ROWS[rng.integers(0, len(ROWS), 3000)])  # back to normal
-    serving.housekeeping()
-    assert serving.webhook is not None
-    await asyncio.wait_for(serving.webhook.idle(), timeout=10)
+    serving.scheduler.housekeeping()
+    assert serving.webhooks.sender is not None
+    await asyncio.wait_for(serving.webhooks.sender.idle(), timeout=10)
     area = [a for a in received if a.get("feature") == "mean_area"]
     assert [a["state"] for a in area] == ["firing", "resolved"], area
     assert (
@@ -366,7 +366,9 @@ async def test_feedback_with_30_percent_wrong_labels_raises_concept_drift(
             "/v2/models/cancer/feedback", json={"id": rid, "label": 1 - label if flip else label}
         )
         assert resp.status == 200, await resp.text()
-    concept = [a for a in serving.alerts.recent() if a["kind"] == "concept_drift"]
+    concept = [
+        a for a in [a.to_json() for a in serving.alerts.recent()] if a["kind"] == "concept_drift"
+    ]
     assert concept and concept[0]["state"] == "firing" and 0.6 < concept[0]["value"] < 0.8
     # bad feedback is a clear 4xx and breaks nothing
     resp = await client.post("/v2/models/cancer/feedback", json={"id": answers[0][0], "label": 1})
@@ -392,8 +394,10 @@ async def test_a_client_resending_one_row_raises_the_duplicate_signal(
     _, url = hook
     client, serving = await start(write_config(drift_config(model_repo, url)))
     await send_rows(client, np.repeat(ROWS[3:4], 600, axis=0))
-    serving.housekeeping()
-    dup = [a for a in serving.alerts.recent() if a["kind"] == "duplicate_inputs"]
+    serving.scheduler.housekeeping()
+    dup = [
+        a for a in [a.to_json() for a in serving.alerts.recent()] if a["kind"] == "duplicate_inputs"
+    ]
     assert dup and dup[0]["state"] == "firing" and dup[0]["value"] == pytest.approx(1.0)
     from proxy.http.admin import status
 
@@ -411,7 +415,7 @@ async def test_non_finite_inputs_are_refused_and_counted(
     }
     resp = await client.post("/v2/models/cancer/infer", json=body)
     assert resp.status == 400
-    assert serving.watch.nonfinite == {"cancer": 1}
+    assert serving.counters.nonfinite_counts() == {"cancer": 1}
 
 
 async def test_overload_fires_when_loop_lag_holds_and_clears(
@@ -422,15 +426,18 @@ async def test_overload_fires_when_loop_lag_holds_and_clears(
             "[alerts]\noverload_lag_ms = 50\noverload_for_s = 2\n" + model_section(repo=model_repo)
         )
     )
-    w = serving.watch
-    w.loop_lag(0.2)
-    serving.housekeeping(100.0)
+    load = serving.load
+    load.lag(0.2)
+    serving.scheduler.housekeeping(100.0)
     assert not serving.alerts.open_alerts()  # not held long enough yet
-    serving.housekeeping(102.5)
-    assert [a["kind"] for a in serving.alerts.open_alerts()] == ["overload"]
-    w.loop_lag(0.001)
-    serving.housekeeping(103.0)
-    assert serving.alerts.open_alerts() == [] and serving.alerts.recent()[-1]["state"] == "resolved"
+    serving.scheduler.housekeeping(102.5)
+    assert [a.kind for a in serving.alerts.open_alerts()] == ["overload"]
+    load.lag(0.001)
+    serving.scheduler.housekeeping(103.0)
+    assert (
+        serving.alerts.open_alerts() == []
+        and [a.to_json() for a in serving.alerts.recent()][-1]["state"] == "resolved"
+    )
 
 
 async def test_webhook_retries_with_backoff_then_delivers(aiohttp_server: Any) -> None:
@@ -449,7 +456,7 @@ async def test_webhook_retries_with_backoff_then_delivers(aiohttp_server: Any) -
         sender = WebhookSender(f"http://127.0.0.1:{server.port}/", http, first_backoff_s=0.001)
         sender.start()
         alerts = Alerts()
-        alerts.listeners.append(sender.submit)
+        alerts.listen(sender.submit)
         alerts.fire("k", "drift", model="m", version="v", message="x")
         await asyncio.wait_for(sender.idle(), timeout=10)
         await sender.close()
@@ -461,8 +468,8 @@ def test_alert_fires_once_until_resolved() -> None:
     assert alerts.fire("k", "drift", model="m", version="v", message="a")
     assert not alerts.fire("k", "drift", model="m", version="v", message="again")
     assert alerts.resolve("k", "gone") and not alerts.resolve("k", "gone")
-    assert [a["state"] for a in alerts.recent()] == ["firing", "resolved"]
-    assert orjson.loads(orjson.dumps(alerts.recent()))[1]["kind"] == "drift"
+    assert [a["state"] for a in [a.to_json() for a in alerts.recent()]] == ["firing", "resolved"]
+    assert orjson.loads(orjson.dumps([a.to_json() for a in alerts.recent()]))[1]["kind"] == "drift"
 
 
 def test_latency_percentiles_from_buckets_within_3_percent() -> None:
@@ -574,7 +581,7 @@ async def test_regression_output_drift_and_mae_concept_drift(
     assert 0.3 < holdout_mae < 0.5  # the noise's scale, 0.5 * sqrt(2 / pi)
 
     answers = await send_prices(client, x[1000:1200])
-    serving.watch.flush()
+    serving.scheduler.housekeeping()
     vw = serving.watch.versions[("prices", "r1")]
     assert vw.monitor is not None and vw.monitor.baseline.names[-1] == "variable"
     short = vw.monitor.judged["short"]
@@ -588,12 +595,16 @@ async def test_regression_output_drift_and_mae_concept_drift(
     assert mae is not None and mae == pytest.approx(
         float(np.mean(np.abs(np.array([p for _, p in answers[:100]]) - y[1000:1100]))), rel=1e-6
     )
-    assert not [a for a in serving.alerts.recent() if a["kind"] == "concept_drift"]
+    assert not [
+        a for a in [a.to_json() for a in serving.alerts.recent()] if a["kind"] == "concept_drift"
+    ]
     # the world changed: the truth moved by 2 while the model did not
     for (rid, _), truth in zip(answers[100:200], y[1100:1200] + 2.0, strict=True):
         resp = await client.post("/v2/models/prices/feedback", json={"id": rid, "label": truth})
         assert resp.status == 200, await resp.text()
-    fired = [a for a in serving.alerts.recent() if a["kind"] == "concept_drift"]
+    fired = [
+        a for a in [a.to_json() for a in serving.alerts.recent()] if a["kind"] == "concept_drift"
+    ]
     assert fired and fired[0]["state"] == "firing" and fired[0]["statistic"] == "mae"
     assert fired[0]["value"] > holdout_mae * 1.5
     # the admin API and /metrics show it; the dashboard reads the same "mae" block
@@ -607,11 +618,11 @@ async def test_regression_output_drift_and_mae_concept_drift(
 
     # the output distribution moves when the inputs push it: output drift, named `variable`
     await send_prices(client, x[:200] + np.array([2.0, -2.0, 0.0, 0.0]))
-    serving.watch.flush()
+    serving.scheduler.housekeeping()
     assert vw.monitor.judged["short"].psi[-1] > 0.25
     drift = [
         a
-        for a in serving.alerts.recent()
+        for a in [a.to_json() for a in serving.alerts.recent()]
         if a["kind"] == "drift" and a.get("feature") == "variable"
     ]
     assert drift and drift[0]["state"] == "firing"

@@ -13,7 +13,7 @@ import orjson
 import pytest
 
 from proxy.models.backends import LocalBackend
-from proxy.runtime.serving import ConfigWatcher
+from proxy.runtime.reloader import ConfigWatcher
 
 from .conftest import BASE_CONFIG, infer_body, model_section
 from .upstream import start_upstream
@@ -58,7 +58,7 @@ async def test_reload_flips_blue_green_under_load_without_a_failed_request(
     flips = ["green", "blue", "green"]
     for active in flips:
         rewrite(Path(config.source), blue_green(model_repo, active))
-        result = await serving.reload("test")
+        result = await serving.reloader.reload("test")
         assert result["outcome"] == "ok", result
         flips_done += 1
         answered_after_flip.clear()
@@ -70,7 +70,7 @@ async def test_reload_flips_blue_green_under_load_without_a_failed_request(
     stop.set()
     await asyncio.gather(*users)
     assert all(status == 200 for status, _, _ in seen), [s for s in seen if s[0] != 200][:5]
-    assert len(seen) >= AFTER * len(flips) and serving.reloads == {"ok": 3, "error": 0}
+    assert len(seen) >= AFTER * len(flips) and serving.counters.reloads() == {"ok": 3, "error": 0}
 
 
 async def test_unchanged_versions_stay_warm_and_changed_ones_reload(
@@ -79,17 +79,17 @@ async def test_unchanged_versions_stay_warm_and_changed_ones_reload(
     config = write_config(model_section(repo=repo))
     _, serving = await start(config)
     old = dict(serving.plan.models["cancer"].backends)
-    result = await serving.reload("test")  # nothing changed on disk: nothing is loaded
+    result = await serving.reloader.reload("test")  # nothing changed on disk: nothing is loaded
     assert result["versions_loaded"] == 0
     assert serving.plan.models["cancer"].backends == old
     # v2's file changes (a retrained model in place): only v2 is loaded again
     for f in ("model.onnx", "manifest.json"):
         shutil.copy(repo / "cancer" / "v1" / f, repo / "cancer" / "v2" / f)
-    result = await serving.reload("test")
+    result = await serving.reloader.reload("test")
     assert result["versions_loaded"] == 1
     new = serving.plan.models["cancer"].backends
     assert new["v1"] is old["v1"] and new["v2"] is not old["v2"]
-    await asyncio.wait_for(serving._background_idle(), timeout=10)
+    await asyncio.wait_for(serving.tasks.idle(), timeout=10)
     assert isinstance(old["v2"], LocalBackend) and old["v2"].batcher.closed
     assert not old["v1"].batcher.closed  # type: ignore[attr-defined]
 
@@ -115,7 +115,7 @@ async def test_retired_version_closes_after_its_last_request(
     old_plan = serving.plan
     only_v1 = {"v1": versions["v1"]}
     rewrite(Path(config.source), model_section(repo=model_repo, versions=only_v1))  # v2, v3 removed
-    assert (await serving.reload("test"))["outcome"] == "ok"
+    assert (await serving.reloader.reload("test"))["outcome"] == "ok"
     assert "v2" not in serving.plan.models["cancer"].backends
     assert old_plan.retired and old_plan.active == 1
     assert (
@@ -125,7 +125,7 @@ async def test_retired_version_closes_after_its_last_request(
     resp = await asyncio.wait_for(held, timeout=10)
     assert resp.status == 200 and resp.headers["x-model-version"] == "v3"
     await asyncio.wait_for(old_plan.idle.wait(), timeout=10)
-    await asyncio.wait_for(serving._background_idle(), timeout=10)
+    await asyncio.wait_for(serving.tasks.idle(), timeout=10)
     assert v2.batcher.closed
 
 
@@ -166,16 +166,16 @@ async def test_bad_edit_changes_nothing(
     good = path.read_text()
     plan = serving.plan
     path.write_text(edit(good, repo))
-    result = await serving.reload("test")
+    result = await serving.reloader.reload("test")
     assert result["outcome"] == "error"
     assert any(words in e for e in result["errors"]), result
-    assert serving.plan is plan and words in (serving.last_error or "")
-    assert serving.reloads["error"] == 1
+    assert serving.plan is plan and words in (serving.reloader.last_error or "")
+    assert serving.counters.reloads()["error"] == 1
     resp = await client.post("/v2/models/cancer/infer", json=infer_body(cancer_rows[:1]))
     assert resp.status == 200  # the running plan keeps serving
     path.write_text(good)
-    assert (await serving.reload("test"))["outcome"] == "ok"
-    assert serving.last_error is None
+    assert (await serving.reloader.reload("test"))["outcome"] == "ok"
+    assert serving.reloader.last_error is None
 
 
 async def test_corrupt_model_file_refuses_the_reload(
@@ -186,9 +186,10 @@ async def test_corrupt_model_file_refuses_the_reload(
     data = bytearray((repo / "cancer" / "v2" / "model.onnx").read_bytes())
     data[100] ^= 0xFF
     (repo / "cancer" / "v2" / "model.onnx").write_bytes(bytes(data))
-    result = await serving.reload("test")
+    result = await serving.reloader.reload("test")
     assert result["outcome"] == "error"
     assert any("models.cancer.versions.v2:" in e and "sha256 is" in e for e in result["errors"])
+    serving.writer.wait_written()
     audit = [orjson.loads(line) for line in serving.audit.path.read_bytes().splitlines()]
     assert audit[-1]["event"] == "reload_refused"
 
@@ -199,7 +200,7 @@ async def test_concurrent_reloads_are_serialised(
     config = write_config(blue_green(model_repo, "blue"))
     _, serving = await start(config)
     rewrite(Path(config.source), blue_green(model_repo, "green"))
-    results = await asyncio.gather(*(serving.reload(f"r{i}") for i in range(4)))
+    results = await asyncio.gather(*(serving.reloader.reload(f"r{i}") for i in range(4)))
     assert [r["outcome"] for r in results] == ["ok"] * 4
     events = [e for e in serving.audit.read() if e["event"] == "reload"]
     assert [e["cause"] for e in events] == ["r0", "r1", "r2", "r3"]
@@ -248,6 +249,8 @@ async def test_watcher_drives_a_reload(start: Any, write_config: Any, model_repo
     )
     os.replace(tmp, config.source)
     assert watcher.check()
-    assert (await serving.reload("file changed", only_if_changed=True))["outcome"] == "ok"
+    assert (await serving.reloader.reload("file changed", only_if_changed=True))["outcome"] == "ok"
     assert serving.plan.models["cancer"].strategy.versions == ("v2",)
-    assert (await serving.reload("file changed", only_if_changed=True))["outcome"] == "unchanged"
+    assert (await serving.reloader.reload("file changed", only_if_changed=True))[
+        "outcome"
+    ] == "unchanged"

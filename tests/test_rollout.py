@@ -11,8 +11,9 @@ import orjson
 import pytest
 from aiohttp import web
 
+from proxy.config.schema import VersionKey
 from proxy.http.admin import create_admin_app
-from proxy.http.data import DataPlane
+from proxy.http.data import create_data_plane
 from proxy.runtime.serving import close_serving, create_serving
 
 from .badmodels import build_broken, build_wrong
@@ -56,7 +57,7 @@ async def test_canary_steps_up_while_gates_hold_then_promotes(
     client, serving = await start(
         write_config(canary(repo, "v2", weights="v1 = 90, v2 = 10", extra=extra))
     )
-    c = serving.controllers["cancer"]
+    c = serving.rollouts.get("cancer")
     t0 = c._step_started
     assert c.weight == pytest.approx(10.0) and c.status == "progressing"
     assert c.tick(t0 + 11) == "wait"  # no canary traffic yet: too few samples to judge
@@ -71,6 +72,7 @@ async def test_canary_steps_up_while_gates_hold_then_promotes(
     assert set(await send(client, cancer_rows, 30, offset=700)) == {"v2"}
     events = [e["event"] for e in serving.audit.read()]
     assert events[-3:] == ["rollout_step", "rollout_step", "rollout_promote"]
+    serving.writer.wait_written()
     saved = orjson.loads(serving.state.path.read_bytes())["models"]["cancer"]
     assert saved["status"] == "promoted" and saved["weight"] == 100.0
 
@@ -86,10 +88,10 @@ async def test_wrong_answers_roll_back_automatically_without_a_client_error(
     answered = await send(client, cancer_rows, 120)
     assert answered.count("wrong") >= 20
     await asyncio.wait_for(serving.plan.models["cancer"].lanes["v1"].drained(), timeout=10)
-    c = serving.controllers["cancer"]
+    c = serving.rollouts.get("cancer")
     assert c.tick(c._step_started + 1) == "rollback"
     assert c.status == "rolled_back" and c.weight == 0.0
-    alerts = serving.alerts.recent()
+    alerts = [a.to_json() for a in serving.alerts.recent()]
     assert (
         alerts[-1]["kind"] == "canary_rollback"
         and "agreement with v1 0.0000 < min_agreement 0.9" in alerts[-1]["message"]
@@ -110,17 +112,20 @@ async def test_failing_canary_falls_back_and_rolls_back(
     assert set(answered) == {"v1"}
     broken = serving.plan.models["cancer"].stats["broken"]
     assert broken.requests >= 20 and broken.errors == broken.requests
-    assert serving.fallbacks[("cancer", "broken")] == broken.errors
-    c = serving.controllers["cancer"]
+    assert serving.counters.fallbacks_of(VersionKey("cancer", "broken")) == broken.errors
+    c = serving.rollouts.get("cancer")
     assert c.tick(c._step_started + 1) == "rollback"
-    assert "error rate 1.0000 > max_error_rate 0.05" in serving.alerts.recent()[-1]["message"]
+    assert (
+        "error rate 1.0000 > max_error_rate 0.05"
+        in [a.to_json() for a in serving.alerts.recent()][-1]["message"]
+    )
 
 
 async def test_remote_canary_5xx_falls_back(
     start: Any, write_config: Any, model_repo: Path, aiohttp_raw_server: Any, cancer_rows: Any
 ) -> None:
     _, upstream = await start(write_config(model_section(repo=model_repo)))
-    plane = DataPlane(upstream)
+    plane = create_data_plane(upstream)
 
     async def failing(request: web.BaseRequest) -> web.StreamResponse:
         if request.method == "POST":
@@ -150,12 +155,12 @@ async def test_rollback_survives_a_restart_until_the_canary_is_edited(
     config = write_config(text)
     serving = await create_serving(config)
     try:
-        serving.controllers["cancer"].rollback(cause="test")
+        serving.rollouts.get("cancer").rollback(cause="test")
     finally:
         await close_serving(serving)
     serving = await create_serving(config)  # a restart
     try:
-        c = serving.controllers["cancer"]
+        c = serving.rollouts.get("cancer")
         assert c.status == "rolled_back" and c.weight == 0.0 and c.cause.startswith("restored")
         assert serving.plan.models["cancer"].strategy.split() == {"v1": 1.0, "v2": 0.0}
     finally:
@@ -163,7 +168,7 @@ async def test_rollback_survives_a_restart_until_the_canary_is_edited(
     edited = write_config(text.replace("v1 = 90, v2 = 10", "v1 = 80, v2 = 20"))
     serving = await create_serving(edited)  # a new rollout: the old decision no longer applies
     try:
-        c = serving.controllers["cancer"]
+        c = serving.rollouts.get("cancer")
         assert c.status == "holding" and c.weight == 20.0
         assert serving.state.get("cancer") is None
     finally:
@@ -195,7 +200,7 @@ async def test_admin_api_needs_the_token_when_set(
         )
         assert resp.status == 401
     assert "s3cret-token" not in caplog.text and "wrong" in caplog.text
-    assert serving.controllers["cancer"].weight == 10.0  # nothing happened
+    assert serving.rollouts.get("cancer").weight == 10.0  # nothing happened
     auth = {"Authorization": "Bearer s3cret-token"}
     resp = await admin.post("/admin/models/cancer/promote", headers=auth)
     assert resp.status == 200 and (await resp.json())["status"] == "promoted"
@@ -249,11 +254,12 @@ async def test_unwritable_state_and_audit_do_not_stop_serving_or_rollbacks(
     client, serving = await start(
         write_config(canary(repo, "v2", weights="v1 = 50, v2 = 50", extra=extra))
     )
-    serving.controllers["cancer"].rollback(cause="test")
+    serving.rollouts.get("cancer").rollback(cause="test")
     assert serving.plan.models["cancer"].strategy.split() == {"v1": 1.0, "v2": 0.0}
+    serving.writer.wait_written()
     assert serving.state.write_errors == 1 and serving.audit.write_errors >= 2  # start, rollback
     assert set(await send(client, cancer_rows, 20)) == {"v1"}
-    assert (await serving.reload("test"))["outcome"] == "ok"
+    assert (await serving.reloader.reload("test"))["outcome"] == "ok"
 
 
 async def test_drift_gate_rolls_back_a_canary_whose_inputs_drift(
@@ -263,7 +269,7 @@ async def test_drift_gate_rolls_back_a_canary_whose_inputs_drift(
     client, serving = await start(
         write_config(canary(repo, "v2", weights="v1 = 50, v2 = 50", extra=extra))
     )
-    c = serving.controllers["cancer"]
+    c = serving.rollouts.get("cancer")
     await send(client, cancer_rows, 60)
     assert c.tick(c._step_started + 1) == "wait"  # the canary's drift window is not full yet
     shifted = cancer_rows.copy()

@@ -196,14 +196,14 @@ async def test_mirrors_yield_to_a_busy_serving_loop(
             assert resp.status == 200 and resp.headers["x-model-version"] == "v1"
         await asyncio.wait_for(mp.lanes["v2"].drained(), timeout=10)
 
-    serving.loop_busy(0.95)
-    assert serving.mirrors_yield
+    serving.load.measure(0.95, serving.plan)
+    assert serving.load.mirrors_yield
     await send(2 * BUSY_KEEP_EVERY)
     assert (m.sent, m.yielded, m.compared) == (2, 2 * BUSY_KEEP_EVERY - 2, 2)
-    serving.loop_busy(0.8)  # between the thresholds: still yielding (no flapping)
-    assert serving.mirrors_yield
-    serving.loop_busy(0.5)
-    assert not serving.mirrors_yield
+    serving.load.measure(0.8, serving.plan)  # between the thresholds: still yielding (no flapping)
+    assert serving.load.mirrors_yield
+    serving.load.measure(0.5, serving.plan)
+    assert not serving.load.mirrors_yield
     await send(5)
     assert (m.sent, m.yielded, m.compared) == (7, 2 * BUSY_KEEP_EVERY - 2, 7)
     assert mp.stats["v2"].summary()["mirror"]["yielded"] == 2 * BUSY_KEEP_EVERY - 2

@@ -7,7 +7,7 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.http.data import DataPlane
+from proxy.http.data import create_data_plane
 from proxy.runtime.serving import Serving
 
 
@@ -15,7 +15,7 @@ class GatedUpstream:
     """Serves a real mlproxy data plane; while `gate` is clear, infer calls wait for it."""
 
     def __init__(self, serving: Serving) -> None:
-        self.plane = DataPlane(serving)
+        self.plane = create_data_plane(serving)
         self.gate = asyncio.Event()
         self.gate.set()
         self.received = 0

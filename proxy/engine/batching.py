@@ -8,7 +8,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from time import perf_counter, thread_time
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 
@@ -42,6 +42,24 @@ def inline_limit_s(inline_max_us: float, cpus: float) -> float:
         return 0.0
     limit = inline_max_us / 1e6
     return max(limit, SOLO_CPU_INLINE_MAX_S) if cpus < 2 else limit
+
+
+class BatcherSettings(TypedDict):
+    max_batch_size: int
+    max_delay_s: float
+    inline_max_s: float
+    queue_timeout_s: float
+
+
+def batcher_settings(batching: BatchingConfig, limits: LimitsConfig) -> BatcherSettings:
+    """The config's batching and limits as a Batcher's settings (its keyword arguments): the one
+    place the config's units become the batcher's."""
+    return {
+        "max_batch_size": batching.max_batch_size,
+        "max_delay_s": batching.max_delay_ms / 1000.0,
+        "inline_max_s": inline_limit_s(batching.inline_max_us, usable_cpus()),
+        "queue_timeout_s": limits.queue_timeout_ms / 1000.0,
+    }
 
 
 def size_class(rows: int) -> int:
@@ -138,10 +156,11 @@ class Batcher:
 
     def configure(self, batching: BatchingConfig, limits: LimitsConfig) -> None:
         """Take new settings (a reload that keeps this version warm)."""
-        self.max_batch_size = batching.max_batch_size
-        self.max_delay_s = batching.max_delay_ms / 1000.0
-        self.inline_max_s = inline_limit_s(batching.inline_max_us, usable_cpus())
-        self.queue_timeout_s = limits.queue_timeout_ms / 1000.0
+        settings = batcher_settings(batching, limits)
+        self.max_batch_size = settings["max_batch_size"]
+        self.max_delay_s = settings["max_delay_s"]
+        self.inline_max_s = settings["inline_max_s"]
+        self.queue_timeout_s = settings["queue_timeout_s"]
 
     @property
     def closed(self) -> bool:

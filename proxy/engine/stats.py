@@ -113,6 +113,20 @@ class VersionStats:
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)
     mirror: MirrorStats = field(default_factory=MirrorStats)
 
+    def started(self, rows: int) -> None:
+        """A request of `rows` rows went to this version."""
+        self.requests += 1
+        self.rows += rows
+
+    def answered(self, seconds: float) -> None:
+        """This version answered a request it started, in `seconds`."""
+        self.latency.observe(seconds)
+
+    def failed(self, seconds: float) -> None:
+        """This version failed a request it started, after `seconds` (its own time to fail)."""
+        self.errors += 1
+        self.latency.observe(seconds)
+
     def summary(self) -> dict[str, Any]:
         p50 = self.latency.quantile(0.5)
         p99 = self.latency.quantile(0.99)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Awaitable, Callable
 from time import perf_counter
 from typing import Any
@@ -12,6 +13,9 @@ import orjson
 from aiohttp import web
 
 from proxy import __version__
+from proxy.config.schema import VersionKey
+from proxy.engine.counters import Counters
+from proxy.engine.stats import VersionStats
 from proxy.errors import (
     InvalidInputError,
     MethodNotAllowedError,
@@ -22,13 +26,17 @@ from proxy.errors import (
     PayloadTooLargeError,
     ProxyError,
 )
+from proxy.models.backends import Backend
+from proxy.monitoring.watch import Watch
 from proxy.protocol.codec import (
     BINARY_HEADER,
+    InferRequest,
     encode_infer_response,
     parse_infer_request,
     parse_json_object,
 )
 from proxy.routing.strategy import Route
+from proxy.runtime.current import Current
 from proxy.runtime.plan import ModelPlan, Plan
 from proxy.runtime.serving import Serving
 
@@ -68,21 +76,25 @@ async def read_body(request: web.BaseRequest, limit: int) -> bytes:
 class DataPlane:
     """Routes /v2/... requests; one handler for the whole server, no router or middleware."""
 
-    def __init__(self, serving: Serving) -> None:
-        self.serving = serving
+    def __init__(
+        self, *, current: Current, counters: Counters, watch: Watch, rng: random.Random
+    ) -> None:
+        self._current = current
+        self._counters = counters
+        self._watch = watch
+        self._rng = rng
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        s = self.serving
-        if s.inflight >= s.config.limits.max_inflight:
-            s.shed += 1
+        current = self._current
+        limit = current.plan.config.limits.max_inflight
+        if current.inflight >= limit:
+            self._counters.shed()
             return error_response(
                 OverloadedError(
-                    f"{s.inflight} requests in flight (limits.max_inflight = {s.config.limits.max_inflight})"
+                    f"{current.inflight} requests in flight (limits.max_inflight = {limit})"
                 )
             )
-        plan = s.plan  # the request finishes on the plan it started with, whatever a reload does
-        s.request_started()
-        plan.enter()
+        plan = current.enter()  # the request finishes on this plan, whatever a reload does
         try:
             return await self._dispatch(request, plan)
         except ProxyError as exc:
@@ -91,8 +103,7 @@ class DataPlane:
             log.exception("unhandled error serving %s %s", request.method, request.path)
             return _json({"error": "internal error; the proxy logged the details"}, status=500)
         finally:
-            plan.leave()
-            s.request_finished()
+            current.leave(plan)
 
     async def _dispatch(self, request: web.BaseRequest, plan: Plan) -> web.StreamResponse:
         parts = request.path.strip("/").split("/")
@@ -175,13 +186,12 @@ class DataPlane:
         self, request: web.BaseRequest, plan: Plan, name: str
     ) -> web.StreamResponse:
         """Ground truth for an earlier answer: {"id": <request id>, "label": <class or list>}."""
-        s = self.serving
         mp = self._model(plan, name)
         if not mp.config.drift.enabled:
             raise InvalidInputError(
                 f"monitoring is off for {name} (models.{name}.drift.enabled = false)"
             )
-        doc = parse_json_object(await read_body(request, s.config.server.max_body_bytes))
+        doc = parse_json_object(await read_body(request, plan.config.server.max_body_bytes))
         rid = doc.get("id")
         if not isinstance(rid, str) or not rid:
             raise InvalidInputError('"id" must be the id of an earlier inference request')
@@ -191,18 +201,14 @@ class DataPlane:
                 '"label" is missing: the true class (or, for a regression model, the true'
                 " value) of each row of that request"
             )
-        outcome = s.watch.join(name, rid, _truth(doc[key], key))
-        if isinstance(outcome, str):
-            if outcome.startswith("no stored prediction"):
-                raise NotFoundError(outcome)
-            raise InvalidInputError(outcome)
-        version, rows = outcome
-        return _json({"id": rid, "model_name": name, "model_version": version, "rows": rows})
+        joined = self._watch.join(name, rid, _truth(doc[key], key))
+        return _json(
+            {"id": rid, "model_name": name, "model_version": joined.version, "rows": joined.rows}
+        )
 
     async def _infer(
         self, request: web.BaseRequest, plan: Plan, name: str, version: str | None
     ) -> web.StreamResponse:
-        s = self.serving
         mp = self._model(plan, name)
         if version is not None:
             self._backend(mp, version)
@@ -210,60 +216,18 @@ class DataPlane:
         else:
             sticky = request.headers.get(mp.config.sticky_key) if mp.config.sticky_key else None
             strategy = mp.strategy
-            route = strategy.choose(
-                sticky, s.rng.random(), s.rng.random() if strategy.mirrors else 1.0
-            )
+            rng = self._rng
+            route = strategy.choose(sticky, rng.random(), rng.random() if strategy.mirrors else 1.0)
         backend = mp.backends[route.primary]
-        body = await read_body(request, s.config.server.max_body_bytes)
-        header_length = None
-        raw_hl = request.headers.get(BINARY_HEADER)
-        if raw_hl is not None:
-            try:
-                header_length = int(raw_hl)
-            except ValueError:
-                raise InvalidInputError(
-                    f"Inference-Header-Content-Length must be an integer, not {raw_hl!r}"
-                ) from None
+        body = await read_body(request, plan.config.server.max_body_bytes)
         try:
-            req = parse_infer_request(body, backend.input, header_length=header_length)
-        except NonFiniteInputError:
-            s.watch.nonfinite[name] = s.watch.nonfinite.get(name, 0) + 1
-            raise
-        stats = mp.stats[route.primary]
-        stats.requests += 1
-        stats.rows += req.x.shape[0]
-        start = perf_counter()  # uvloop's loop.time() ticks in whole milliseconds
-        answered = route.primary
-        try:
-            outputs = await backend.infer(req.x)
-        except Exception as exc:
-            stats.errors += 1
-            stable = mp.config.stable
-            if (
-                version is not None
-                or route.primary == stable
-                or stable not in mp.backends
-                or isinstance(
-                    exc, OverloadedError
-                )  # shedding load is no reason to add it elsewhere
-            ):
-                raise
-            # A canary (or green, or shadow primary) failed: the proven version answers instead;
-            # the failure still counts against the version that failed.
-            log.warning(
-                "%s/%s failed a request (%s); %s answers instead", name, route.primary, exc, stable
+            req = parse_infer_request(
+                body, backend.input, header_length=_binary_header_length(request)
             )
-            key = (name, route.primary)
-            s.fallbacks[key] = s.fallbacks.get(key, 0) + 1
-            answered = stable
-            fallback_stats = mp.stats[stable]
-            fallback_stats.requests += 1
-            fallback_stats.rows += req.x.shape[0]
-            try:
-                outputs = await mp.backends[stable].infer(req.x)
-            except Exception:
-                fallback_stats.errors += 1
-                raise
+        except NonFiniteInputError:
+            self._counters.nonfinite(name)
+            raise
+        answered, outputs, started = await self._run(mp, route.primary, req, pinned=version)
         payload, hlen = encode_infer_response(
             request_id=req.id,
             model=name,
@@ -272,17 +236,74 @@ class DataPlane:
             requested=req.outputs,
             binary_outputs=req.binary_outputs,
         )
-        stats.latency.observe(perf_counter() - start)
+        mp.stats[answered].answered(perf_counter() - started)
         if answered == route.primary:
             for m in route.mirrors:
                 mp.lanes[m].offer(req.x, outputs)
         if mp.config.drift.enabled:
-            s.watch.remember(name, req.id, answered, outputs, req.seq)
+            self._watch.remember(name, req.id, answered, outputs, req.seq)
         headers = {"x-model-version": answered}
         if hlen is None:
             return web.Response(body=payload, content_type=JSON, headers=headers)
         headers[BINARY_HEADER] = str(hlen)
         return web.Response(body=payload, content_type="application/octet-stream", headers=headers)
+
+    async def _run(
+        self, mp: ModelPlan, primary: str, req: InferRequest, *, pinned: str | None
+    ) -> tuple[str, dict[str, Any], float]:
+        """Run the request on `primary`; if that fails, the stable version answers instead
+        (unless the request was pinned, or shed). Returns (who answered, outputs, when the
+        answering version started). Each version records its own part: the failed one its
+        failure and its time to fail, the answering one the request it answered."""
+        rows = req.x.shape[0]
+        stats = mp.stats[primary]
+        stats.started(rows)
+        start = perf_counter()  # uvloop's loop.time() ticks in whole milliseconds
+        try:
+            return primary, await mp.backends[primary].infer(req.x), start
+        except Exception as exc:
+            stats.failed(perf_counter() - start)
+            stable = mp.config.stable
+            if (
+                pinned is not None
+                or primary == stable
+                or stable not in mp.backends
+                # shedding load is no reason to add it elsewhere
+                or isinstance(exc, OverloadedError)
+            ):
+                raise
+            # A canary (or green, or shadow primary) failed: the proven version answers instead.
+            log.warning(
+                "%s/%s failed a request (%s); %s answers instead", mp.name, primary, exc, stable
+            )
+            self._counters.fallback(VersionKey(mp.name, primary))
+        outputs, start = await _answer(mp.stats[stable], mp.backends[stable], req.x, rows)
+        return stable, outputs, start
+
+
+async def _answer(
+    stats: VersionStats, backend: Backend, x: Any, rows: int
+) -> tuple[dict[str, Any], float]:
+    """The fallback's run, counted on the version that runs it: (outputs, when it started)."""
+    stats.started(rows)
+    start = perf_counter()
+    try:
+        return await backend.infer(x), start
+    except Exception:
+        stats.failed(perf_counter() - start)
+        raise
+
+
+def _binary_header_length(request: web.BaseRequest) -> int | None:
+    raw = request.headers.get(BINARY_HEADER)
+    if raw is None:
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise InvalidInputError(
+            f"Inference-Header-Content-Length must be an integer, not {raw!r}"
+        ) from None
 
 
 def _truth(value: Any, key: str) -> np.ndarray[Any, Any]:
@@ -308,7 +329,13 @@ def _allow(request: web.BaseRequest, methods: tuple[str, ...]) -> None:
         raise MethodNotAllowedError(request.method, request.path, methods)
 
 
+def create_data_plane(serving: Serving) -> DataPlane:
+    """The data plane, handed the four parts of `serving` it uses."""
+    return DataPlane(
+        current=serving.current, counters=serving.counters, watch=serving.watch, rng=serving.rng
+    )
+
+
 def create_data_server(serving: Serving) -> web.Server:
     """The low-level aiohttp server for the data plane (no router, no access log)."""
-    plane = DataPlane(serving)
-    return web.Server(plane.handle, access_log=None)
+    return web.Server(create_data_plane(serving).handle, access_log=None)

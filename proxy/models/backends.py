@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -13,9 +14,10 @@ import numpy as np
 import orjson
 
 from proxy.config.schema import BatchingConfig, LimitsConfig, VersionConfig
-from proxy.engine.batching import Batcher, BatcherState, Observer, inline_limit_s
-from proxy.engine.runner import Runners, usable_cpus
+from proxy.engine.batching import Batcher, BatcherState, Observer, batcher_settings
+from proxy.engine.runner import Runners
 from proxy.errors import ModelLoadError, UpstreamError, UpstreamTimeoutError
+from proxy.models.manifest import Manifest, parse_baseline_manifest
 from proxy.models.repository import OnnxModel
 from proxy.protocol.codec import (
     TensorSpec,
@@ -28,15 +30,20 @@ Array = np.ndarray[Any, Any]
 log = logging.getLogger("mlproxy.backends")
 
 
+class BackendKind(StrEnum):
+    ONNX = "onnx"  # a local ONNX file run by onnxruntime
+    REMOTE = "remote"  # another Open Inference Protocol server
+
+
 class Backend(Protocol):
     """What routing and the app need of a model version, wherever it runs."""
 
     version: str
-    kind: str
+    kind: BackendKind
     input: TensorSpec
     outputs: tuple[TensorSpec, ...]
     identity: str  # changes when what is served changes (sha256 for files, url for remotes)
-    manifest_raw: dict[str, Any]  # what the version is watched against ({}: not watched)
+    manifest: Manifest | None  # what the version is watched against (None: not watched)
 
     def set_observer(self, observer: Observer | None) -> None:
         """Who sees every serving answer's rows and outputs (drift monitoring)."""
@@ -46,6 +53,9 @@ class Backend(Protocol):
     def batcher_state(self) -> BatcherState | None:
         """The micro-batcher's counters and queue; None where the version has no batcher."""
 
+    def configure(self, batching: BatchingConfig, limits: LimitsConfig) -> None:
+        """Take a reloaded config's batching settings (a version kept warm across the reload)."""
+
     def metadata(self) -> dict[str, Any]: ...
 
     async def close(self) -> None: ...
@@ -54,7 +64,7 @@ class Backend(Protocol):
 class LocalBackend:
     """An ONNX model version on disk, run by onnxruntime through a micro-batcher."""
 
-    kind = "onnx"
+    kind = BackendKind.ONNX
 
     def __init__(self, version: str, model: OnnxModel, batcher: Batcher, runners: Runners) -> None:
         self.version = version
@@ -64,13 +74,16 @@ class LocalBackend:
         self.input = model.input
         self.outputs = model.outputs
         self.identity = model.manifest.sha256
-        self.manifest_raw = model.manifest.raw
+        self.manifest: Manifest | None = model.manifest
 
     def set_observer(self, observer: Observer | None) -> None:
         self.batcher.observer = observer
 
     def batcher_state(self) -> BatcherState:
         return self.batcher.state()
+
+    def configure(self, batching: BatchingConfig, limits: LimitsConfig) -> None:
+        self.batcher.configure(batching, limits)
 
     async def infer(self, x: Array, *, background: bool = False) -> dict[str, Array]:
         """Serving requests go through the batcher; background work (already batched by its
@@ -85,10 +98,10 @@ class LocalBackend:
             "platform": "onnxruntime_onnx",
             "inputs": [{**self.input.to_json(), "features": list(m.features)}],
             "outputs": [o.to_json() for o in self.outputs],
-            "task": m.task,
+            "task": str(m.task),
             "sha256": m.sha256,
-            "training_data": m.raw.get("training_data"),
-            "metrics": m.raw.get("metrics"),
+            "training_data": m.training_data,
+            "metrics": m.metrics or None,
         }
 
     async def close(self) -> None:
@@ -98,7 +111,7 @@ class LocalBackend:
 class RemoteBackend:
     """A version served by another Open Inference Protocol server at `url` (.../v2/models/<name>)."""
 
-    kind = "remote"
+    kind = BackendKind.REMOTE
 
     def __init__(
         self, config: VersionConfig, http: aiohttp.ClientSession, meta: dict[str, Any]
@@ -107,7 +120,7 @@ class RemoteBackend:
         self.version = config.name
         self.url = config.url
         self.identity = config.url
-        self.manifest_raw: dict[str, Any] = {}
+        self.manifest: Manifest | None = None
         self.observer: Observer | None = None
         self._http = http
         self._timeout_s = config.timeout_ms / 1000.0
@@ -151,10 +164,10 @@ class RemoteBackend:
         backend = cls(config, http, meta)
         if config.baseline is not None:
             path = config.baseline
-            raw, digest = await asyncio.get_running_loop().run_in_executor(
+            manifest, digest = await asyncio.get_running_loop().run_in_executor(
                 None, _read_baseline, path, backend.input.shape[1]
             )
-            backend.manifest_raw = raw
+            backend.manifest = manifest
             backend.identity = f"{config.url}#{digest}"
         return backend
 
@@ -163,6 +176,9 @@ class RemoteBackend:
 
     def batcher_state(self) -> None:
         return None
+
+    def configure(self, batching: BatchingConfig, limits: LimitsConfig) -> None:
+        return None  # the remote server batches (or not) on its own
 
     async def infer(self, x: Array, *, background: bool = False) -> dict[str, Array]:
         body = encode_infer_request(x, self.input)
@@ -210,7 +226,7 @@ class RemoteBackend:
         return None
 
 
-def _read_baseline(path: Path, features: int) -> tuple[dict[str, Any], str]:
+def _read_baseline(path: Path, features: int) -> tuple[Manifest, str]:
     """A remote version's baseline manifest (as `mlproxy package` writes it) and its sha256."""
     try:
         blob = path.read_bytes()
@@ -220,14 +236,7 @@ def _read_baseline(path: Path, features: int) -> tuple[dict[str, Any], str]:
         raw = orjson.loads(blob)
     except orjson.JSONDecodeError as exc:
         raise ModelLoadError(f"{path}: the baseline manifest is not JSON: {exc}") from None
-    feats = (raw.get("baseline") or {}).get("features") if isinstance(raw, dict) else None
-    if not isinstance(feats, list) or not feats:
-        raise ModelLoadError(f"{path}: has no baseline.features (write it with `mlproxy package`)")
-    if features > 0 and len(feats) != features:
-        raise ModelLoadError(
-            f"{path}: its baseline has {len(feats)} features, the remote model takes {features}"
-        )
-    return raw, hashlib.sha256(blob).hexdigest()
+    return parse_baseline_manifest(raw, str(path), features), hashlib.sha256(blob).hexdigest()
 
 
 async def create_backend(
@@ -250,10 +259,7 @@ async def create_backend(
     batcher = Batcher(
         model.run,
         runner=runners.serving,
-        max_batch_size=batching.max_batch_size,
-        max_delay_s=batching.max_delay_ms / 1000.0,
-        inline_max_s=inline_limit_s(batching.inline_max_us, usable_cpus()),
-        queue_timeout_s=limits.queue_timeout_ms / 1000.0,
         name=f"{model_name}/{config.name}",
+        **batcher_settings(batching, limits),
     )
     return LocalBackend(config.name, model, batcher, runners)

@@ -1,21 +1,21 @@
-"""Model versions on disk: manifest, sha256 check, schema check, onnxruntime session, warm-up."""
+"""Model versions on disk: sha256 check, schema check, onnxruntime session, warm-up (the one
+module that imports onnxruntime; the manifest is models/manifest.py)."""
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
-import orjson
 
 from proxy.errors import ModelLoadError
-from proxy.protocol.codec import DTYPES, TensorSpec, parse_tensor_specs
+from proxy.models.manifest import MANIFEST_FILE as MANIFEST_FILE  # packaging writes it
+from proxy.models.manifest import load_manifest
+from proxy.protocol.codec import DTYPES, TensorSpec
 
 MODEL_FILE = "model.onnx"
-MANIFEST_FILE = "manifest.json"
 ORT_TYPES = {
     "tensor(float)": "FP32",
     "tensor(double)": "FP64",
@@ -29,64 +29,12 @@ ORT_TYPES = {
 }
 
 
-@dataclass(frozen=True, slots=True)
-class Manifest:
-    """The parts of manifest.json the server relies on; `raw` keeps the whole document."""
-
-    name: str
-    version: str
-    sha256: str
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
-    features: tuple[str, ...]
-    task: str
-    raw: dict[str, Any]
-
-
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def load_manifest(directory: Path) -> Manifest:
-    """Read and check `<directory>/manifest.json`; ModelLoadError names the file and the problem."""
-    path = directory / MANIFEST_FILE
-    if not directory.is_dir():
-        raise ModelLoadError(f"{directory}: no such model directory")
-    try:
-        raw = orjson.loads(path.read_bytes())
-    except FileNotFoundError:
-        raise ModelLoadError(f"{path}: missing (every model version needs a manifest)") from None
-    except (OSError, orjson.JSONDecodeError) as exc:
-        raise ModelLoadError(f"{path}: cannot be read as JSON: {exc}") from None
-    try:
-        inputs = parse_tensor_specs(raw["inputs"], "inputs")
-        outputs = parse_tensor_specs(raw["outputs"], "outputs")
-        features = tuple(raw["inputs"][0].get("features") or ())
-        manifest = Manifest(
-            name=str(raw["name"]),
-            version=str(raw["version"]),
-            sha256=str(raw["model"]["sha256"]),
-            inputs=inputs,
-            outputs=outputs,
-            features=features,
-            task=str(raw.get("task", "classification")),
-            raw=raw,
-        )
-    except (KeyError, TypeError, IndexError) as exc:
-        raise ModelLoadError(f"{path}: missing or malformed field {exc}") from None
-    except ValueError as exc:
-        raise ModelLoadError(f"{path}: {exc}") from None
-    if len(inputs) != 1 or len(inputs[0].shape) != 2 or inputs[0].shape[1] <= 0:
-        raise ModelLoadError(f"{path}: inputs must be one tensor of shape [-1, n_features]")
-    if features and len(features) != inputs[0].shape[1]:
-        raise ModelLoadError(
-            f"{path}: lists {len(features)} feature names for {inputs[0].shape[1]} input columns"
-        )
-    return manifest
 
 
 def _ort_shape(shape: list[Any]) -> tuple[int, ...]:
@@ -122,6 +70,12 @@ class OnnxModel:
         self.input = self.manifest.inputs[0]
         self.outputs = self.manifest.outputs
         self._check_schema(model_path)
+        b = self.manifest.baseline
+        if b is not None and b.n_features != self.input.shape[1]:
+            raise ModelLoadError(
+                f"{self.directory / 'manifest.json'}: baseline.features lists {b.n_features}"
+                f" features for {self.input.shape[1]} input columns"
+            )
         self._output_names = [o.name for o in self.outputs]
         self._dtype = DTYPES[self.input.datatype]
         self.warm_up()
@@ -161,9 +115,8 @@ class OnnxModel:
         """Run one real inference so the first request does not pay for lazy initialisation."""
         n = self.input.shape[1]
         row = np.zeros((1, n), dtype=self._dtype)
-        baseline = self.manifest.raw.get("baseline", {}).get("features")
-        if isinstance(baseline, list) and len(baseline) == n:
-            row[0] = [f.get("mean", 0.0) for f in baseline]
+        if self.manifest.feature_means is not None:
+            row[0] = self.manifest.feature_means
         try:
             out = self.run(row)
         except Exception as exc:

@@ -3,35 +3,50 @@
 from __future__ import annotations
 
 import functools
-import time
-from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from time import perf_counter
 from typing import Any, Protocol
 
 import numpy as np
 
-from proxy.config.schema import AlertsConfig, Config, DriftConfig, ModelConfig
+from proxy.config.schema import AlertsConfig, Config, DriftConfig, ModelConfig, VersionKey
 from proxy.engine.batching import BatcherState, Observer
-from proxy.engine.stats import LatencyHistogram, VersionStats
-from proxy.monitoring.alerts import Alerts
+from proxy.engine.counters import Counters, FeedbackOutcome
+from proxy.engine.stats import VersionStats
+from proxy.errors import InvalidFeedbackError, PredictionNotFoundError
+from proxy.monitoring.alerts import AlertKind, Alerts
 from proxy.monitoring.baseline import Baseline
 from proxy.monitoring.feedback import AccuracyTracker, PredictionStore
+from proxy.monitoring.history import HISTORY_EVERY_S, History
+from proxy.monitoring.overload import OverloadWatch
 from proxy.monitoring.tracker import DriftEvent, VersionMonitor
 
 Array = np.ndarray[Any, Any]
-HISTORY_POINTS = 120  # latency history kept per version, one point per HISTORY_EVERY_S
-HISTORY_EVERY_S = 2.0
 DUPLICATE_ALERT = 0.2  # one identical row taking this share of recent rows: a stuck client
 DUPLICATE_CLEAR = 0.1
+
+
+class WatchedManifest(Protocol):
+    """What the watch reads of a version's manifest (models.manifest.Manifest is one)."""
+
+    @property
+    def baseline(self) -> Baseline | None: ...
+
+    @property
+    def regression(self) -> bool: ...
+
+    @property
+    def holdout_accuracy(self) -> float | None: ...
+
+    @property
+    def holdout_mae(self) -> float | None: ...
 
 
 class WatchedVersion(Protocol):
     """What the watch needs of a served version (models.backends.Backend is one)."""
 
     @property
-    def manifest_raw(self) -> dict[str, Any]: ...
+    def manifest(self) -> WatchedManifest | None: ...
 
     def set_observer(self, observer: Observer | None) -> None: ...
 
@@ -63,33 +78,38 @@ class WatchedPlan(Protocol):
 
 @dataclass
 class VersionWatch:
-    """Everything watched about one (model, version), kept across reloads."""
+    """Everything watched about one version, kept across reloads."""
 
-    model: str
-    version: str
+    key: VersionKey
     drift: DriftConfig
     monitor: VersionMonitor | None
     accuracy: AccuracyTracker
     holdout_accuracy: float | None
     holdout_mae: float | None = None  # regression versions
-    history: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=HISTORY_POINTS))
-    last_counts: Array | None = None
-    last_requests: int = 0
+    history: History = field(default_factory=History)
+
+
+@dataclass(frozen=True, slots=True)
+class Joined:
+    """Feedback that joined its prediction: which version answered, how many rows it labelled."""
+
+    version: str
+    rows: int
 
 
 class Watch:
     """Owns the monitors of every version, the prediction store for feedback, and turns what they
-    see into alerts (each fires once when its condition starts and once when it clears)."""
+    see into alerts (each fires once when its condition starts and once when it clears).
 
-    def __init__(self, alerts: Alerts) -> None:
+    Judging happens on the record path (`observe`, `join`) and in `housekeeping`, never when
+    something is read: a scrape or a status page cannot fire an alert."""
+
+    def __init__(self, alerts: Alerts, counters: Counters) -> None:
         self.alerts = alerts
-        self.versions: dict[tuple[str, str], VersionWatch] = {}
+        self._counters = counters
+        self.versions: dict[VersionKey, VersionWatch] = {}
         self.predictions: dict[str, PredictionStore] = {}
-        self.nonfinite: dict[str, int] = {}
-        self.feedback: dict[tuple[str, str], int] = {}
-        self.loop_lag_s = 0.0
-        self.loop_busy = 0.0  # the serving loop thread's CPU share over the last interval
-        self._overloaded_since: float | None = None
+        self._overload = OverloadWatch(alerts)
         self._next_history = 0.0
         self.alerts_config = AlertsConfig()
 
@@ -104,57 +124,34 @@ class Watch:
             if store is None or store.capacity != d.predictions:
                 self.predictions[name] = PredictionStore(d.predictions)
             for version, backend in mp.backends.items():
-                key = (name, version)
+                key = VersionKey(name, version)
                 vw = self.versions.get(key)
-                raw = backend.manifest_raw
                 if vw is None or vw.drift != d:
-                    baseline = Baseline.from_manifest(raw) if d.enabled else None
-                    monitor = (
-                        None
-                        if baseline is None
-                        else VersionMonitor(
-                            baseline, d.window, d.long_window, d.psi_warn, d.psi_alert
-                        )
-                    )
-                    holdout = (raw.get("metrics") or {}).get("holdout") or {}
-                    regression = raw.get("task") == "regression"
-                    vw = VersionWatch(
-                        name,
-                        version,
-                        d,
-                        monitor,
-                        AccuracyTracker(d.window, d.long_window, d.min_feedback, regression),
-                        holdout.get("accuracy"),
-                        holdout.get("mae"),
-                    )
-                    self.versions[key] = vw
-                observer = (
-                    functools.partial(self.observe, name, version)
-                    if vw.monitor is not None
-                    else None
-                )
+                    vw = self.versions[key] = _version_watch(key, d, backend.manifest)
+                observer = functools.partial(self.observe, key) if vw.monitor is not None else None
                 # Only what a version answers is monitored: mirrored rows are the primary's
                 # inputs, already counted; a mirror is judged by its agreement with the primary.
                 backend.set_observer(observer)
 
     # ---------------------------------------------------------------- data drift
 
-    def observe(self, model: str, version: str, x: Array, outputs: dict[str, Array]) -> None:
-        vw = self.versions.get((model, version))
+    def observe(self, key: VersionKey, x: Array, outputs: dict[str, Array]) -> None:
+        vw = self.versions.get(key)
         if vw is not None and vw.monitor is not None:
             self._drift_events(vw, vw.monitor.record(x, outputs))
 
     def _drift_events(self, vw: VersionWatch, events: list[DriftEvent]) -> None:
+        model, version = vw.key
         for e in events:
-            key = f"drift:{vw.model}:{vw.version}:{e.name}"
+            key = f"drift:{model}:{version}:{e.name}"
             if e.level == "alert":
                 self.alerts.fire(
                     key,
-                    "drift",
-                    model=vw.model,
-                    version=vw.version,
+                    AlertKind.DRIFT,
+                    model=model,
+                    version=version,
                     message=(
-                        f"{e.name} of {vw.model}/{vw.version} drifted: PSI {e.value:.3f} > psi_alert"
+                        f"{e.name} of {vw.key} drifted: PSI {e.value:.3f} > psi_alert"
                         f" {vw.drift.psi_alert} over the {e.window} window ({e.kind} change)"
                     ),
                     feature=e.name,
@@ -166,13 +163,12 @@ class Watch:
             else:
                 self.alerts.resolve(
                     key,
-                    f"{e.name} of {vw.model}/{vw.version} is back under psi_alert"
-                    f" (PSI {e.value:.3f}, {e.level})",
+                    f"{e.name} of {vw.key} is back under psi_alert (PSI {e.value:.3f}, {e.level})",
                     value=round(e.value, 6),
                 )
 
     def flush(self) -> None:
-        """Bin every buffered row now (readers call it, so what they see is current)."""
+        """Bin every buffered row now and judge the windows (housekeeping's first step)."""
         for vw in self.versions.values():
             if vw.monitor is not None:
                 self._drift_events(vw, vw.monitor.flush())
@@ -190,43 +186,37 @@ class Watch:
         if store is not None and label is not None:
             store.put(request_id, version, label, seq)
 
-    def join(self, model: str, request_id: str, truth: Array) -> tuple[str, int] | str:
-        """Join ground truth to a stored prediction; (version, rows) or the reason it failed."""
+    def join(self, model: str, request_id: str, truth: Array) -> Joined:
+        """Join ground truth to a stored prediction. PredictionNotFoundError when there is none;
+        InvalidFeedbackError (the prediction stays stored) when the truth does not fit it."""
         store = self.predictions.get(model)
         pred = None if store is None else store.get(request_id)  # taken out once it joins
-        if pred is None:
-            key = (model, "unknown_id")
-            self.feedback[key] = self.feedback.get(key, 0) + 1
-            kept = 0 if store is None else store.capacity
-            return (
-                f"no stored prediction for id {request_id!r}: never answered by {model}, already"
-                f" joined, or dropped (only the last {kept} predictions are kept)"
-            )
+        if store is None or pred is None:
+            self._counters.feedback(model, FeedbackOutcome.UNKNOWN_ID)
+            raise PredictionNotFoundError(model, request_id, 0 if store is None else store.capacity)
         if truth.shape != pred.labels.shape:  # left stored: the client can fix its call
-            return (
+            raise InvalidFeedbackError(
                 f"label has shape {list(truth.shape)} but request {request_id!r} predicted"
                 f" {list(pred.labels.shape)} rows; send one label per input row"
             )
-        vw = self.versions.get((model, pred.version))
+        vw = self.versions.get(VersionKey(model, pred.version))
         if vw is None:
-            return f"version {pred.version} of {model} is no longer watched"
+            raise InvalidFeedbackError(f"version {pred.version} of {model} is no longer watched")
         if not vw.accuracy.regression and truth.dtype.kind not in "iub":
-            return (
+            raise InvalidFeedbackError(
                 f"{model}/{pred.version} is a classifier: label must be an integer class (or a"
                 " list of them), not a fractional number"
             )
-        assert store is not None
         store.pop(request_id)
         vw.accuracy.record(pred.labels, truth)
-        key = (model, "joined")
-        self.feedback[key] = self.feedback.get(key, 0) + 1
+        self._counters.feedback(model, FeedbackOutcome.JOINED)
         self._check_accuracy(vw)
-        return pred.version, int(truth.size)
+        return Joined(pred.version, int(truth.size))
 
     def _check_accuracy(self, vw: VersionWatch) -> None:
         """Fire (or clear) concept drift: short-window accuracy under holdout - accuracy_margin,
         or, for a regression model, short-window MAE over holdout MAE x (1 + mae_margin)."""
-        name = f"{vw.model}/{vw.version}"
+        name = str(vw.key)
         if vw.accuracy.regression:
             value, holdout = vw.accuracy.mae("short"), vw.holdout_mae
             if value is None or holdout is None:
@@ -243,13 +233,13 @@ class Watch:
             statistic = "accuracy"
             what = f"accuracy of {name} on fed-back labels is {value:.3f}"
             why = f"below its holdout {holdout:.3f} - margin {vw.drift.accuracy_margin}"
-        key = f"concept:{vw.model}:{vw.version}"
+        key = f"concept:{vw.key.model}:{vw.key.version}"
         if bad:
             self.alerts.fire(
                 key,
-                "concept_drift",
-                model=vw.model,
-                version=vw.version,
+                AlertKind.CONCEPT_DRIFT,
+                model=vw.key.model,
+                version=vw.key.version,
                 message=f"{what}, {why}",
                 value=round(value, 6),
                 holdout=holdout,
@@ -263,104 +253,73 @@ class Watch:
 
     # ---------------------------------------------------------------- software
 
-    def housekeeping(self, now: float, plan: WatchedPlan, stats: Any) -> None:
-        """Periodic step (every 0.25 s in the server; tests call it): flush monitors, judge input
-        anomalies and overload, and sample latency history."""
+    def housekeeping(self, now: float, plan: WatchedPlan, *, loop_lag_s: float = 0.0) -> None:
+        """Periodic step (every 0.25 s in the server; tests call it): flush and judge monitors,
+        judge input anomalies and overload, and sample latency history."""
         self.flush()
         for vw in self.versions.values():
-            if vw.monitor is None:
-                continue
-            rates = vw.monitor.rates()
-            dup = rates["duplicates"]
-            key = f"duplicates:{vw.model}:{vw.version}"
-            if (
-                dup is not None
-                and vw.monitor.recent_rows >= min(vw.monitor.duplicate_memory, vw.drift.window)
-                and dup > DUPLICATE_ALERT
-            ):
-                self.alerts.fire(
-                    key,
-                    "duplicate_inputs",
-                    model=vw.model,
-                    version=vw.version,
-                    message=(
-                        f"one input row is {dup:.0%} of the last rows sent to {vw.model}/{vw.version}:"
-                        " a client resending the same input?"
-                    ),
-                    value=round(dup, 6),
-                )
-            elif dup is not None and dup < DUPLICATE_CLEAR:
-                self.alerts.resolve(key, f"duplicate rows down to {dup:.0%}", value=round(dup, 6))
-        self._check_overload(now, plan)
-        if now >= self._next_history:
-            self._next_history = now + HISTORY_EVERY_S
-            self._sample_history(plan, stats)
-
-    def loop_lag(self, lag_s: float) -> None:
-        self.loop_lag_s = max(lag_s, 0.0)
-
-    def _check_overload(self, now: float, plan: WatchedPlan) -> None:
-        cfg = self.alerts_config
+            self._check_duplicates(vw)
         waits = []
         for mp in plan.models.values():
             for b in mp.backends.values():
                 state = b.batcher_state()
                 if state is not None and state.queue_depth:
                     waits.append(state.stats.last_wait_s)
-        queue_limit = plan.config.limits.queue_timeout_ms / 2000.0
-        hot = self.loop_lag_s * 1000.0 > cfg.overload_lag_ms or any(w > queue_limit for w in waits)
-        if hot:
-            if self._overloaded_since is None:
-                self._overloaded_since = now
-            if now - self._overloaded_since >= cfg.overload_for_s:
-                self.alerts.fire(
-                    "overload",
-                    "overload",
-                    model="*",
-                    version=None,
-                    message=(
-                        f"overloaded for {now - self._overloaded_since:.1f} s: event-loop lag"
-                        f" {self.loop_lag_s * 1000:.0f} ms (limit {cfg.overload_lag_ms:g}),"
-                        f" longest queue wait {max(waits, default=0) * 1000:.0f} ms"
-                    ),
-                    loop_lag_ms=round(self.loop_lag_s * 1000, 3),
-                )
-        else:
-            self._overloaded_since = None
-            self.alerts.resolve(
-                "overload", "load back to normal", loop_lag_ms=round(self.loop_lag_s * 1000, 3)
-            )
+        self._overload.check(
+            now,
+            config=self.alerts_config,
+            lag_s=loop_lag_s,
+            waits=waits,
+            wait_limit_s=plan.config.limits.queue_timeout_ms / 2000.0,
+        )
+        if now >= self._next_history:
+            self._next_history = now + HISTORY_EVERY_S
+            for name, mp in plan.models.items():
+                for version in mp.backends:
+                    watched = self.versions.get(VersionKey(name, version))
+                    if watched is not None:
+                        watched.history.sample(mp.stats[version])
 
-    def _sample_history(self, plan: WatchedPlan, stats: Any) -> None:
-        t = perf_counter()
-        for name, mp in plan.models.items():
-            for version in mp.backends:
-                vw = self.versions.get((name, version))
-                if vw is None:
-                    continue
-                st = mp.stats[version]
-                counts = st.latency.counts.copy()
-                point: dict[str, Any] = {"t": t, "ts": round(time.time(), 3)}
-                if vw.last_counts is not None:
-                    h = LatencyHistogram.since(st.latency, vw.last_counts)
-                    for q, k in ((0.5, "p50"), (0.9, "p90"), (0.99, "p99")):
-                        v = h.quantile(q)
-                        point[k] = None if v is None else round(v * 1000, 4)
-                    last_t = vw.history[-1]["t"] if vw.history else t - HISTORY_EVERY_S
-                    point["rps"] = round(
-                        (st.requests - vw.last_requests) / max(t - last_t, 1e-9), 2
-                    )
-                    vw.history.append(point)
-                else:
-                    vw.history.append(
-                        {
-                            "t": t,
-                            "ts": round(time.time(), 3),
-                            "p50": None,
-                            "p90": None,
-                            "p99": None,
-                            "rps": None,
-                        }
-                    )
-                vw.last_counts = counts
-                vw.last_requests = st.requests
+    def _check_duplicates(self, vw: VersionWatch) -> None:
+        mon = vw.monitor
+        if mon is None:
+            return
+        dup = mon.rates()["duplicates"]
+        if dup is None:
+            return
+        model, version = vw.key
+        key = f"duplicates:{model}:{version}"
+        if mon.recent_rows >= min(mon.duplicate_memory, vw.drift.window) and dup > DUPLICATE_ALERT:
+            self.alerts.fire(
+                key,
+                AlertKind.DUPLICATE_INPUTS,
+                model=model,
+                version=version,
+                message=(
+                    f"one input row is {dup:.0%} of the last rows sent to {vw.key}:"
+                    " a client resending the same input?"
+                ),
+                value=round(dup, 6),
+            )
+        elif dup < DUPLICATE_CLEAR:
+            self.alerts.resolve(key, f"duplicate rows down to {dup:.0%}", value=round(dup, 6))
+
+
+def _version_watch(
+    key: VersionKey, d: DriftConfig, manifest: WatchedManifest | None
+) -> VersionWatch:
+    baseline = manifest.baseline if manifest is not None and d.enabled else None
+    monitor = (
+        None
+        if baseline is None
+        else VersionMonitor(baseline, d.window, d.long_window, d.psi_warn, d.psi_alert)
+    )
+    regression = manifest is not None and manifest.regression
+    return VersionWatch(
+        key=key,
+        drift=d,
+        monitor=monitor,
+        accuracy=AccuracyTracker(d.window, d.long_window, d.min_feedback, regression),
+        holdout_accuracy=None if manifest is None else manifest.holdout_accuracy,
+        holdout_mae=None if manifest is None else manifest.holdout_mae,
+    )

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
 
 import aiohttp
+
+from proxy.monitoring.alerts import Alert
 
 log = logging.getLogger("mlproxy.webhook")
 QUEUE_SIZE = 1000
@@ -25,16 +26,16 @@ class WebhookSender:
         self.url = url
         self._http = http
         self._first_backoff_s = first_backoff_s
-        self._queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=QUEUE_SIZE)
+        self._queue: asyncio.Queue[Alert] = asyncio.Queue(maxsize=QUEUE_SIZE)
         self.counts = {"ok": 0, "failed": 0, "dropped": 0}
         self._task: asyncio.Task[None] | None = None
 
-    def submit(self, alert: dict[str, Any]) -> None:
+    def submit(self, alert: Alert) -> None:
         try:
             self._queue.put_nowait(alert)
         except asyncio.QueueFull:
             self.counts["dropped"] += 1
-            log.warning("webhook queue full: alert dropped (%s)", alert.get("kind"))
+            log.warning("webhook queue full: alert dropped (%s)", alert.kind)
 
     def start(self) -> None:
         if self._task is None:
@@ -52,12 +53,13 @@ class WebhookSender:
             finally:
                 self._queue.task_done()
 
-    async def _deliver(self, alert: dict[str, Any]) -> None:
+    async def _deliver(self, alert: Alert) -> None:
+        doc = alert.to_json()
         delay = self._first_backoff_s
         for attempt in range(1, ATTEMPTS + 1):
             try:
                 async with self._http.post(
-                    self.url, json=alert, timeout=aiohttp.ClientTimeout(total=TIMEOUT_S)
+                    self.url, json=doc, timeout=aiohttp.ClientTimeout(total=TIMEOUT_S)
                 ) as resp:
                     await resp.read()
                     if resp.status < 300:
@@ -81,7 +83,7 @@ class WebhookSender:
                 log.warning(
                     "webhook %s: gave up on a %s alert after %d attempts (%s)",
                     self.url,
-                    alert.get("kind"),
+                    alert.kind,
                     ATTEMPTS,
                     reason,
                 )

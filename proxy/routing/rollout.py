@@ -6,6 +6,7 @@ import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any, Literal, Protocol
 
 import numpy as np
@@ -13,11 +14,20 @@ import orjson
 
 from proxy.config.schema import CanaryConfig, ModelConfig
 from proxy.engine.stats import LatencyHistogram, VersionStats
-from proxy.monitoring.alerts import Alerts
+from proxy.monitoring.alerts import AlertKind, Alerts
 
 log = logging.getLogger("mlproxy.rollout")
-Status = Literal["progressing", "holding", "promoted", "rolled_back"]
 Action = Literal["wait", "step", "promote", "rollback"]
+
+
+class RolloutStatus(StrEnum):
+    PROGRESSING = "progressing"  # stepping up while the gates hold
+    HOLDING = "holding"  # gated, no steps: the weights stay, a failed gate rolls back
+    PROMOTED = "promoted"
+    ROLLED_BACK = "rolled_back"
+
+
+DONE = (RolloutStatus.PROMOTED, RolloutStatus.ROLLED_BACK)
 
 
 class DecisionStore(Protocol):
@@ -116,7 +126,7 @@ class RolloutController:
         self._drift = drift  # the canary's worst (distribution, PSI), None until a window is full
         total = sum(c.weights.values())
         self.weight = 100.0 * c.weights[self.canary] / total
-        self.status: Status = "progressing" if c.steps else "holding"
+        self.status = RolloutStatus.PROGRESSING if c.steps else RolloutStatus.HOLDING
         self.cause = "config"
         saved = state.get(model.name)
         if (
@@ -125,7 +135,7 @@ class RolloutController:
             and saved.get("canary") == self.canary
         ):
             self.weight = float(saved["weight"])
-            self.status = saved["status"]
+            self.status = RolloutStatus(saved["status"])
             self.cause = f"restored: {saved.get('cause', '')}"
         elif saved is not None:
             state.put(model.name, None)  # a different rollout: the old decision no longer applies
@@ -184,7 +194,7 @@ class RolloutController:
         return failed
 
     def tick(self, now: float) -> Action | None:
-        if self.status in ("promoted", "rolled_back"):
+        if self.status in DONE:
             return None
         w = self.window()
         failed = self.failed_gates(w)
@@ -193,7 +203,10 @@ class RolloutController:
         if failed:
             self.rollback(cause="gate failed: " + "; ".join(failed), window=w)
             return "rollback"
-        if self.status != "progressing" or now - self._step_started < self.config.step_interval_s:
+        if (
+            self.status is not RolloutStatus.PROGRESSING
+            or now - self._step_started < self.config.step_interval_s
+        ):
             return None
         nxt = next((s for s in self.config.steps if s > self.weight), None)
         if nxt is None or nxt >= 100.0:
@@ -201,7 +214,7 @@ class RolloutController:
             return "promote"
         self._set(
             nxt,
-            "progressing",
+            RolloutStatus.PROGRESSING,
             f"gates held for {self.config.step_interval_s:g} s",
             "rollout_step",
             w,
@@ -211,19 +224,19 @@ class RolloutController:
         return "step"
 
     def promote(self, cause: str, window: Window | None = None) -> None:
-        self._set(100.0, "promoted", cause, "rollout_promote", window)
+        self._set(100.0, RolloutStatus.PROMOTED, cause, "rollout_promote", window)
 
     def rollback(self, cause: str, window: Window | None = None) -> None:
-        self._set(0.0, "rolled_back", cause, "rollout_rollback", window)
+        self._set(0.0, RolloutStatus.ROLLED_BACK, cause, "rollout_rollback", window)
         self._alerts.raise_alert(
-            "canary_rollback",
+            AlertKind.CANARY_ROLLBACK,
             model=self.model.name,
             version=self.canary,
             message=f"canary {self.canary} of {self.model.name} rolled back to 0%: {cause}",
         )
 
     def _set(
-        self, weight: float, status: Status, cause: str, event: str, window: Window | None
+        self, weight: float, status: RolloutStatus, cause: str, event: str, window: Window | None
     ) -> None:
         before = self.weight
         self.weight, self.status, self.cause = weight, status, cause
@@ -232,7 +245,7 @@ class RolloutController:
             "key": self.key,
             "canary": self.canary,
             "weight": weight,
-            "status": status,
+            "status": str(status),
             "cause": cause,
         }
         self._state.put(self.model.name, entry)
@@ -267,7 +280,7 @@ class RolloutController:
         w = self.window()
         return {
             "canary": self.canary,
-            "status": self.status,
+            "status": str(self.status),
             "weight": self.weight,
             "cause": self.cause,
             "steps": list(self.config.steps),

@@ -9,31 +9,15 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
-from proxy.config.schema import Config, ModelConfig, VersionConfig
+from proxy.config.schema import Config, ModelConfig, ShadowConfig, VersionConfig, VersionKey
+from proxy.engine.counters import Counters
 from proxy.engine.mirror import MIRROR_BATCH_ROWS, MirrorLane
 from proxy.engine.runner import Runners
 from proxy.engine.stats import VersionStats
 from proxy.errors import ConfigError, ModelLoadError
-from proxy.models.backends import Backend, LocalBackend, create_backend
+from proxy.models.backends import Backend, create_backend
 from proxy.models.repository import MODEL_FILE, sha256_file
 from proxy.routing.strategy import Strategy, create_strategy
-
-
-class StatsBook:
-    """Per (model, version) statistics; outlives plans so a reload keeps the counts."""
-
-    def __init__(self) -> None:
-        self._stats: dict[tuple[str, str], VersionStats] = {}
-
-    def get(self, model: str, version: str) -> VersionStats:
-        key = (model, version)
-        st = self._stats.get(key)
-        if st is None:
-            st = self._stats[key] = VersionStats()
-        return st
-
-    def items(self) -> list[tuple[tuple[str, str], VersionStats]]:
-        return list(self._stats.items())
 
 
 @dataclass(slots=True)
@@ -81,15 +65,11 @@ class Plan:
         return {b for mp in self.models.values() for b in mp.backends.values()}
 
 
-def _same_version(a: VersionConfig, b: VersionConfig) -> bool:
-    return a == b
-
-
 async def _reusable(
     vc: VersionConfig, old: Backend | None, old_vc: VersionConfig | None
 ) -> Backend | None:
     """The running backend for this version if nothing about it changed (sha256 on disk included)."""
-    if old is None or old_vc is None or not _same_version(vc, old_vc):
+    if old is None or old_vc is None or vc != old_vc:
         return None
     path = vc.path / MODEL_FILE if vc.path is not None else vc.baseline
     if path is not None:
@@ -107,7 +87,7 @@ async def create_plan(
     *,
     runners: Runners,
     http: aiohttp.ClientSession,
-    stats: StatsBook,
+    counters: Counters,
     previous: Plan | None = None,
     clock: Callable[[], float] | None = None,
 ) -> tuple[Plan, int]:
@@ -150,8 +130,7 @@ async def create_plan(
         raise ConfigError(errors, config.source)
     for group in loaded.values():  # a reused batcher takes the new batching settings
         for b in group.values():
-            if isinstance(b, LocalBackend):
-                b.batcher.configure(config.batching, config.limits)
+            b.configure(config.batching, config.limits)
     models = {}
     for model in config.models.values():
         backends = loaded[model.name]
@@ -159,18 +138,19 @@ async def create_plan(
             config=model,
             strategy=create_strategy(model),
             backends=backends,
-            stats={v: stats.get(model.name, v) for v in backends},
+            stats={v: counters.version(VersionKey(model.name, v)) for v in backends},
         )
+        # A gated canary's agreement mirror has no [shadow] table: it takes the table's defaults.
+        s = model.shadow or ShadowConfig(primary=model.stable, mirrors=())
         for m in _mirror_targets(model):
-            s = model.shadow
             mp.lanes[m] = MirrorLane(
                 backends[m],
                 mp.stats[m].mirror,
-                queue_rows=s.queue_rows if s else 1024,
+                queue_rows=s.queue_rows,
                 max_batch_rows=max(MIRROR_BATCH_ROWS, config.batching.max_batch_size),
-                timeout_s=(s.timeout_ms if s else 1000.0) / 1000.0,
-                breaker_failures=s.breaker_failures if s else 5,
-                breaker_pause_s=s.breaker_pause_s if s else 10.0,
+                timeout_s=s.timeout_ms / 1000.0,
+                breaker_failures=s.breaker_failures,
+                breaker_pause_s=s.breaker_pause_s,
                 clock=clock,
             )
         models[model.name] = mp
@@ -221,11 +201,11 @@ def _check_drift_gate(model: ModelConfig, backends: dict[str, Backend]) -> list[
     key = f"models.{model.name}.canary.gates.max_psi"
     if not model.drift.enabled:
         return [f"{key}: needs drift monitoring, but models.{model.name}.drift.enabled = false"]
-    b = backends[c.canary]
-    if not isinstance(b, LocalBackend) or not b.model.manifest.raw.get("baseline"):
+    manifest = backends[c.canary].manifest
+    if manifest is None or manifest.baseline is None:
         return [
             f"{key}: {c.canary} has no baseline statistics to judge drift against"
-            " (a remote version, or a manifest without a baseline)"
+            " (a remote version without a baseline manifest, or a manifest without baseline statistics)"
         ]
     return []
 

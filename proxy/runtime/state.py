@@ -1,10 +1,15 @@
-"""What must survive a restart: rollout decisions (state file) and every change served (audit log)."""
+"""What must survive a restart: rollout decisions (state file) and every change served (audit log).
+
+Both are written by one background thread, in the order they were asked for, so that an fsync
+never stalls the event loop; `wait_written()` waits for what is queued (tests, shutdown)."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
+import queue
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,11 +36,52 @@ def write_atomic(path: Path, data: bytes) -> None:
             os.close(dir_fd)
 
 
-class StateFile:
-    """Rollout decisions per model, JSON, rewritten whole and atomically on every change."""
+Job = Callable[[], None]
 
-    def __init__(self, path: Path) -> None:
+
+class Writer:
+    """One daemon thread runs write jobs in submission order."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self._pending = 0
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._work, name="state-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Job) -> None:
+        with self._cond:
+            self._pending += 1
+        self._jobs.put(job)
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            try:
+                job()
+            except Exception:  # a job logs its own OSError; anything else must not kill writes
+                log.exception("state writer job failed")
+            with self._cond:
+                self._pending -= 1
+                self._cond.notify_all()
+
+    def wait_written(self, timeout: float = 10.0) -> bool:
+        """Block until every job submitted so far has run; False if `timeout` passed first."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._pending == 0, timeout)
+
+    def close(self) -> None:
+        """Run what is queued, then stop the thread."""
+        self._jobs.put(None)
+        self._thread.join(timeout=10.0)
+
+
+class StateFile:
+    """Rollout decisions per model, JSON, rewritten whole and atomically on every change (by
+    the writer thread: the decision holds in memory at once, on disk a moment later)."""
+
+    def __init__(self, path: Path, writer: Writer) -> None:
         self.path = path
+        self._writer = writer
         self.models: dict[str, dict[str, Any]] = {}
         self.load_error: str | None = None
         self.write_errors = 0
@@ -66,6 +112,9 @@ class StateFile:
     def flush(self) -> None:
         doc = {"format_version": 1, "models": self.models}
         data = orjson.dumps(doc, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n"
+        self._writer.submit(lambda: self._write(data))
+
+    def _write(self, data: bytes) -> None:
         try:
             write_atomic(self.path, data)
         except OSError as exc:
@@ -82,14 +131,19 @@ class StateFile:
 class AuditLog:
     """Append-only JSON lines: one line per change of what is served, with its cause."""
 
-    def __init__(self, path: Path, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, path: Path, writer: Writer, clock: Callable[[], float] = time.time) -> None:
         self.path = path
+        self._writer = writer
         self._clock = clock
         self.write_errors = 0
 
     def append(self, event: str, **fields: Any) -> dict[str, Any]:
         entry = {"ts": round(self._clock(), 6), "event": event, **fields}
         line = orjson.dumps(entry, option=orjson.OPT_SORT_KEYS) + b"\n"
+        self._writer.submit(lambda: self._write(line))
+        return entry
+
+    def _write(self, line: bytes) -> None:
         try:
             with self.path.open("ab") as f:
                 f.write(line)
@@ -103,9 +157,10 @@ class AuditLog:
                 exc,
                 line.decode().strip(),
             )
-        return entry
 
     def read(self) -> list[dict[str, Any]]:
+        """Every entry, once what is queued is written (blocks: for tests and tools)."""
+        self._writer.wait_written()
         try:
             return [
                 orjson.loads(line) for line in self.path.read_bytes().splitlines() if line.strip()

@@ -1,0 +1,81 @@
+"""Every counter the planes read, behind methods: per-version request statistics and the
+process's own counts (shed, fallbacks, reloads, non-finite inputs, feedback). Handlers call
+methods, never write attributes: this is the one object a multi-process server backs with
+shared memory."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from proxy.config.schema import VersionKey
+from proxy.engine.stats import VersionStats
+
+
+class FeedbackOutcome(StrEnum):
+    """What became of one feedback call."""
+
+    JOINED = "joined"  # the truth joined its stored prediction
+    UNKNOWN_ID = "unknown_id"  # no stored prediction has that id
+
+
+class ReloadOutcome(StrEnum):
+    OK = "ok"
+    ERROR = "error"
+
+
+class Counters:
+    """Counts that outlive plans: a reload keeps every version's statistics."""
+
+    def __init__(self) -> None:
+        self._versions: dict[VersionKey, VersionStats] = {}
+        self._shed = 0
+        self._fallbacks: dict[VersionKey, int] = {}
+        self._reloads = dict.fromkeys(ReloadOutcome, 0)
+        self._nonfinite: dict[str, int] = {}
+        self._feedback: dict[tuple[str, FeedbackOutcome], int] = {}
+
+    # ---------------------------------------------------------------- writers
+
+    def version(self, key: VersionKey) -> VersionStats:
+        """The statistics of one version (made on first use; the plan hands them to its parts)."""
+        st = self._versions.get(key)
+        if st is None:
+            st = self._versions[key] = VersionStats()
+        return st
+
+    def shed(self) -> None:
+        """A request was refused before any work (the in-flight limit)."""
+        self._shed += 1
+
+    def fallback(self, failed: VersionKey) -> None:
+        """`failed` could not answer; the stable version answered instead."""
+        self._fallbacks[failed] = self._fallbacks.get(failed, 0) + 1
+
+    def reload(self, outcome: ReloadOutcome) -> None:
+        self._reloads[outcome] += 1
+
+    def nonfinite(self, model: str) -> None:
+        """A request to `model` carried NaN, infinity or an out-of-range value."""
+        self._nonfinite[model] = self._nonfinite.get(model, 0) + 1
+
+    def feedback(self, model: str, outcome: FeedbackOutcome) -> None:
+        key = (model, outcome)
+        self._feedback[key] = self._feedback.get(key, 0) + 1
+
+    # ---------------------------------------------------------------- readers
+
+    @property
+    def shed_total(self) -> int:
+        return self._shed
+
+    def fallbacks_of(self, key: VersionKey) -> int:
+        return self._fallbacks.get(key, 0)
+
+    def reloads(self) -> dict[str, int]:
+        return {str(k): v for k, v in self._reloads.items()}
+
+    def nonfinite_counts(self) -> dict[str, int]:
+        return dict(self._nonfinite)
+
+    def feedback_counts(self) -> dict[tuple[str, FeedbackOutcome], int]:
+        return dict(self._feedback)
