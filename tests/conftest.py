@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 from aiohttp.test_utils import TestClient
 
@@ -19,20 +18,9 @@ from proxy.http.data import create_data_server
 from proxy.packaging import build_demo_models, demo_data
 from proxy.runtime.serving import Serving, close_serving, create_serving
 
-BASE_CONFIG = """
-[server]
-host = "127.0.0.1"
-port = 0
-max_body_bytes = {max_body}
-
-[limits]
-max_inflight = {max_inflight}
-queue_timeout_ms = 1000
-
-[batching]
-max_batch_size = 64
-max_delay_ms = 1.0
-"""
+# infer_body: test_fallback.py and test_readers.py still import it from here; drop it once they
+# import from .helpers
+from .helpers import BASE_CONFIG, infer_body, model_section  # noqa: F401
 
 
 @pytest.fixture(scope="session")
@@ -55,30 +43,6 @@ def repo(model_repo: Path, tmp_path: Path) -> Path:
     dst = tmp_path / "models"
     shutil.copytree(model_repo, dst)
     return dst
-
-
-def model_section(
-    *,
-    mode: str = "single",
-    repo: Path,
-    versions: dict[str, str] | None = None,
-    extra: str = "",
-    name: str = "cancer",
-    stable: str = "v1",
-) -> str:
-    vs = versions or {
-        "v1": f'{{ path = "{repo}/cancer/v1" }}',
-        "v2": f'{{ path = "{repo}/cancer/v2" }}',
-    }
-    lines = [
-        f"[models.{name}]",
-        f'mode = "{mode}"',
-        f'stable = "{stable}"',
-        extra,
-        f"[models.{name}.versions]",
-    ]
-    lines += [f"{k} = {v}" for k, v in vs.items()]
-    return "\n".join(lines) + "\n"
 
 
 @pytest.fixture
@@ -114,35 +78,6 @@ async def start(aiohttp_raw_server: Any, aiohttp_client: Any) -> AsyncIterator[C
     yield _start
     for s in created:
         await close_serving(s)
-
-
-def infer_body(
-    rows: np.ndarray[Any, Any], *, rid: str | None = None, datatype: str = "FP32"
-) -> dict[str, Any]:
-    doc: dict[str, Any] = {
-        "inputs": [
-            {
-                "name": "input",
-                "shape": list(rows.shape),
-                "datatype": datatype,
-                "data": rows.reshape(-1).tolist(),
-            }
-        ]
-    }
-    if rid is not None:
-        doc["id"] = rid
-    return doc
-
-
-def reference(
-    repo: Path, version: str, rows: np.ndarray[Any, Any]
-) -> dict[str, np.ndarray[Any, Any]]:
-    """What onnxruntime itself answers for `rows`, to check the proxy against."""
-    session = ort.InferenceSession(
-        str(repo / "cancer" / version / "model.onnx"), providers=["CPUExecutionProvider"]
-    )
-    label, probs = session.run(["label", "probabilities"], {"input": rows.astype(np.float32)})
-    return {"label": label, "probabilities": probs}
 
 
 @pytest.fixture

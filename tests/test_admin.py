@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from proxy.http.admin import create_admin_app
 from proxy.runtime.serving import close_serving, create_serving
 
-from .conftest import infer_body, model_section
+from .helpers import infer_body, model_section
 from .upstream import start_upstream
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import orjson
 import pytest
 
-from .conftest import infer_body, model_section, reference
+from .helpers import infer_body, model_section, reference
 
 
 @pytest.fixture

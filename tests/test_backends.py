@@ -11,7 +11,7 @@ import pytest
 from proxy.errors import ConfigError
 from proxy.runtime.serving import create_serving
 
-from .conftest import infer_body, model_section, reference
+from .helpers import infer_body, model_section, reference
 
 
 def remote_config(model_repo: Path, url: str, timeout_ms: int = 2000) -> str:

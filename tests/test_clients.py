@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import tritonclient.http as httpclient
 
-from .conftest import model_section, reference
+from .helpers import model_section, reference
 
 
 def _triton_calls(url: str, rows: np.ndarray[Any, Any]) -> dict[str, Any]:

@@ -21,7 +21,8 @@ from proxy.config.schema import (
 )
 from proxy.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parent.parent
+from .helpers import ROOT
+
 GOOD = """
 [models.cancer]
 mode = "canary"

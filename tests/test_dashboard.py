@@ -27,7 +27,7 @@ from aiohttp import ClientSession, ClientWebSocketResponse, WSMsgType
 from proxy.http.admin import create_admin_app
 from proxy.monitoring.watch import HISTORY_EVERY_S
 
-from .conftest import infer_body, model_section
+from .helpers import infer_body, model_section
 
 CHROMIUM_FLAGS = [
     "--headless",

@@ -27,7 +27,7 @@ from proxy.monitoring.drift import chi_square, fractions, js, ks, psi
 from proxy.monitoring.tracker import VersionMonitor
 from proxy.monitoring.webhook import WebhookSender
 
-from .conftest import infer_body, model_section
+from .helpers import HISTOGRAM_SUFFIXES, HISTOGRAMS, METRICS, infer_body, model_section
 
 ROWS = load_breast_cancer().data.astype(np.float32)
 SD = ROWS.std(axis=0)
@@ -332,7 +332,6 @@ async def test_drift_alert_fires_once_and_clears_once_at_the_webhook(
         "mlproxy_queue_wait_seconds_bucket",
     } <= names
     # every mlproxy metric the live proxy exports is one the alert rules and dashboard know of
-    from .test_prometheus_rules import HISTOGRAM_SUFFIXES, HISTOGRAMS, METRICS
 
     def family(name: str) -> str:
         for suffix in HISTOGRAM_SUFFIXES:

@@ -13,60 +13,12 @@ from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from .helpers import HISTOGRAM_SUFFIXES, HISTOGRAMS, METRICS, ROOT
+
 ALERTS = Path("deploy/prometheus/alerts.yml")
 ALERTS_TEST = Path("deploy/prometheus/alerts_test.yml")
 PROMETHEUS_CONFIG = Path("deploy/prometheus/prometheus.yml")
 DASHBOARD = Path("deploy/grafana/mlproxy-dashboard.json")
-
-# The exported metrics (README, "Admin plane"), the contract the rules and the dashboard rely on.
-COUNTERS = {
-    "mlproxy_requests_total",
-    "mlproxy_rows_total",
-    "mlproxy_batches_total",
-    "mlproxy_batch_rows_total",
-    "mlproxy_queue_shed_total",
-    "mlproxy_mirror_rows_total",
-    "mlproxy_mirror_breaker_opened_total",
-    "mlproxy_fallbacks_total",
-    "mlproxy_shed_total",
-    "mlproxy_config_reloads_total",
-    "mlproxy_alerts_total",
-    "mlproxy_input_nonfinite_total",
-    "mlproxy_feedback_total",
-    "mlproxy_webhook_deliveries_total",
-    "process_cpu_seconds_total",
-}
-GAUGES = {
-    "mlproxy_traffic_weight_ratio",
-    "mlproxy_queue_depth",
-    "mlproxy_shadow_agreement_ratio",
-    "mlproxy_shadow_mean_abs_diff",
-    "mlproxy_inflight_requests",
-    "mlproxy_config_loaded_timestamp_seconds",
-    "mlproxy_config_last_reload_success",
-    "mlproxy_rollout_status",
-    "mlproxy_alerts_open",
-    "mlproxy_drift_score",
-    "mlproxy_drift_level",
-    "mlproxy_output_chi2_pvalue",
-    "mlproxy_input_out_of_range_ratio",
-    "mlproxy_input_duplicate_ratio",
-    "mlproxy_accuracy_ratio",
-    "mlproxy_holdout_accuracy_ratio",
-    "mlproxy_mae",
-    "mlproxy_holdout_mae",
-    "mlproxy_event_loop_lag_seconds",
-    "mlproxy_event_loop_busy_ratio",
-    "process_resident_memory_bytes",
-}
-HISTOGRAMS = {
-    "mlproxy_request_duration_seconds",
-    "mlproxy_queue_wait_seconds",
-    "mlproxy_batch_size_rows",
-}
-METRICS = COUNTERS | GAUGES | HISTOGRAMS
-HISTOGRAM_SUFFIXES = ("_bucket", "_count", "_sum")
 
 # What the dashboard must show at least (one panel or more each).
 DASHBOARD_MUST_SHOW = {

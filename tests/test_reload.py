@@ -15,7 +15,7 @@ import pytest
 from proxy.models.backends import LocalBackend
 from proxy.runtime.reloader import ConfigWatcher
 
-from .conftest import BASE_CONFIG, infer_body, model_section
+from .helpers import BASE_CONFIG, infer_body, model_section
 from .upstream import start_upstream
 
 

@@ -17,7 +17,7 @@ from proxy.http.data import create_data_plane
 from proxy.runtime.serving import close_serving, create_serving
 
 from .badmodels import build_broken, build_wrong
-from .conftest import infer_body, model_section
+from .helpers import infer_body, model_section
 
 
 def canary(

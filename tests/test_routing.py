@@ -9,7 +9,7 @@ from typing import Any
 
 from proxy.routing.strategy import Strategy, stable_unit
 
-from .conftest import infer_body, model_section
+from .helpers import infer_body, model_section
 
 
 def canary(weights: dict[str, float]) -> Strategy:

@@ -14,8 +14,15 @@ import orjson
 from proxy.config.load import load_config
 from proxy.server import serve
 
-from .conftest import BASE_CONFIG, infer_body, model_section
-from .test_cli import _get, free_port, serve_process, write
+from .helpers import (
+    BASE_CONFIG,
+    free_port,
+    http_get,
+    infer_body,
+    model_section,
+    serve_process,
+    shipped_config,
+)
 from .upstream import start_upstream
 
 
@@ -72,12 +79,12 @@ async def test_stop_drains_requests_in_flight_and_refuses_new_ones(
 
 
 def _status(admin: int) -> dict[str, Any]:
-    return orjson.loads(_get(f"http://127.0.0.1:{admin}/admin/status")[2])
+    return orjson.loads(http_get(f"http://127.0.0.1:{admin}/admin/status")[2])
 
 
 def test_sighup_and_file_change_reload_a_running_process(tmp_path: Path, model_repo: Path) -> None:
     port, admin = free_port(), free_port()
-    path = write(tmp_path, model_repo, port=port, admin=admin)
+    path = shipped_config(tmp_path, model_repo, port=port, admin=admin)
     with serve_process(path, port) as served:
         first = _status(admin)["config"]["digest"]
         # an edit noticed by the file watcher (write-and-rename, like an editor)

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from .conftest import infer_body, model_section, reference
+from .helpers import infer_body, model_section, reference
 
 
 def shadow_config(
