@@ -12,7 +12,7 @@ from aiohttp import web
 from proxy.config.schema import Config
 from proxy.http.admin import create_admin_app
 from proxy.http.data import create_data_server
-from proxy.runtime.serving import create_serving
+from proxy.runtime.serving import Serving, create_serving
 
 log = logging.getLogger("mlproxy")
 DRAIN_TIMEOUT_S = 10.0
@@ -35,20 +35,7 @@ async def serve(
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     serving = await create_serving(config)
-    reloads: set[asyncio.Task[object]] = set()
-
-    def on_hup() -> None:
-        task = loop.create_task(serving.reloader.reload("SIGHUP"))
-        reloads.add(task)
-        task.add_done_callback(reloads.discard)
-
-    for sig, handler in (
-        (signal.SIGTERM, stop.set),
-        (signal.SIGINT, stop.set),
-        (signal.SIGHUP, on_hup),
-    ):
-        with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread (tests)
-            loop.add_signal_handler(sig, handler)
+    reloads = _handle_signals(loop, serving, stop)
     data_runner = web.ServerRunner(
         create_data_server(serving), handle_signals=False, shutdown_timeout=drain_timeout_s
     )
@@ -63,33 +50,9 @@ async def serve(
         await web.TCPSite(admin_runner, a.host, a.port).start()
         if ready is not None:
             ready.set()  # both planes listen
-        log.info(
-            "serving %s on http://%s:%d (admin http://%s:%d); models: %s",
-            config.source,
-            s.host,
-            s.port,
-            a.host,
-            a.port,
-            ", ".join(
-                f"{m.name} [{m.mode}: {', '.join(m.versions)}]" for m in config.models.values()
-            ),
-        )
+        _log_listening(config)
         await stop.wait()
-        log.info(
-            "stopping: no new connections; draining %d request(s) in flight (up to %.0f s)",
-            serving.current.inflight,
-            drain_timeout_s,
-        )
-        await data_site.stop()  # closes the listening socket; open connections carry on
-        if draining is not None:
-            draining.set()
-        drained = await serving.current.drained(drain_timeout_s)
-        if not drained:
-            log.warning(
-                "drain timeout: %d request(s) still in flight are cut off",
-                serving.current.inflight,
-            )
-        serving.audit.append("stop", digest=serving.config.digest, drained=drained)
+        await _drain(serving, data_site, drain_timeout_s, draining)
     finally:
         background.cancel()
         for task in (background, *reloads):
@@ -99,3 +62,57 @@ async def serve(
         await admin_runner.cleanup()
         await serving.close()
     log.info("stopped")
+
+
+def _handle_signals(
+    loop: asyncio.AbstractEventLoop, serving: Serving, stop: asyncio.Event
+) -> set[asyncio.Task[object]]:
+    """SIGTERM and SIGINT stop; SIGHUP reloads. Returns the set SIGHUP's reloads are kept in."""
+    reloads: set[asyncio.Task[object]] = set()
+
+    def on_hup() -> None:
+        task = loop.create_task(serving.reloader.reload("SIGHUP"))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    for sig, handler in (
+        (signal.SIGTERM, stop.set),
+        (signal.SIGINT, stop.set),
+        (signal.SIGHUP, on_hup),
+    ):
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread (tests)
+            loop.add_signal_handler(sig, handler)
+    return reloads
+
+
+def _log_listening(config: Config) -> None:
+    s, a = config.server, config.admin
+    log.info(
+        "serving %s on http://%s:%d (admin http://%s:%d); models: %s",
+        config.source,
+        s.host,
+        s.port,
+        a.host,
+        a.port,
+        ", ".join(f"{m.name} [{m.mode}: {', '.join(m.versions)}]" for m in config.models.values()),
+    )
+
+
+async def _drain(
+    serving: Serving, site: web.TCPSite, timeout_s: float, draining: asyncio.Event | None
+) -> None:
+    """Stop accepting connections, then wait (at most `timeout_s`) for requests in flight."""
+    log.info(
+        "stopping: no new connections; draining %d request(s) in flight (up to %.0f s)",
+        serving.current.inflight,
+        timeout_s,
+    )
+    await site.stop()  # closes the listening socket; open connections carry on
+    if draining is not None:
+        draining.set()
+    drained = await serving.current.drained(timeout_s)
+    if not drained:
+        log.warning(
+            "drain timeout: %d request(s) still in flight are cut off", serving.current.inflight
+        )
+    serving.audit.append("stop", digest=serving.config.digest, drained=drained)

@@ -8,7 +8,10 @@ import time
 from typing import Any
 
 from proxy.config.schema import VersionKey
+from proxy.engine.batching import BatcherState
 from proxy.http.metrics import MonitorSnapshot, MonitorView, Snapshot, VersionView
+from proxy.models.manifest import Manifest
+from proxy.monitoring.tracker import VersionMonitor
 from proxy.monitoring.watch import VersionWatch
 from proxy.runtime.serving import Serving
 
@@ -163,21 +166,7 @@ def status(serving: Serving) -> dict[str, Any]:
             doc["fallbacks"] = counters.fallbacks_of(VersionKey(mp.name, v))
             state = backend.batcher_state()
             if state is not None:
-                bs = state.stats
-                doc["batching"] = {
-                    "batches": bs.batches,
-                    "mean_rows": round(bs.rows / bs.batches, 2) if bs.batches else None,
-                    "max_rows": bs.max_batch_rows,
-                    "inline_batches": bs.inline_batches,
-                    "inline_limit_us": round(state.inline_max_s * 1e6, 1),
-                    "run_cost_us": {
-                        f"{1 << k}-{(2 << k) - 1}": round(c * 1e6, 1)
-                        for k, c in enumerate(bs.run_cost_s)
-                        if c is not None
-                    },
-                    "queue_depth": state.queue_depth,
-                    "shed": bs.shed,
-                }
+                doc["batching"] = _batching(state)
             vw = serving.watch.versions.get(VersionKey(mp.name, v))
             if vw is not None:
                 doc["monitoring"] = _monitoring_summary(vw)
@@ -212,6 +201,44 @@ def status(serving: Serving) -> dict[str, Any]:
         "alerts": len(serving.alerts.recent()),
         "open_alerts": open_alerts,
         "models": models,
+    }
+
+
+def _monitor_plots(doc: dict[str, Any], mon: VersionMonitor, manifest: Manifest | None) -> None:
+    """A monitored version's feature histograms (with their edges) and drift per distribution."""
+    edges = () if manifest is None else manifest.feature_edges
+    for e, h in zip(edges, mon.histograms(), strict=True):
+        doc["features"].append({**h, "edges": list(e)})
+    short, long = mon.judged.get("short"), mon.judged.get("long")
+    for i, fname in enumerate(mon.baseline.names):
+        doc["drift"].append(
+            {
+                "name": fname,
+                "psi_short": None if short is None else _round(short.psi[i]),
+                "psi_long": None if long is None else _round(long.psi[i]),
+                "ks_short": None if short is None else _round(short.ks[i]),
+                "js_short": None if short is None else _round(short.js[i]),
+                # no level until a window is full enough to be judged
+                "level": mon.levels.get((fname, "psi", "any"), "ok") if short or long else None,
+            }
+        )
+
+
+def _batching(state: BatcherState) -> dict[str, Any]:
+    bs = state.stats
+    return {
+        "batches": bs.batches,
+        "mean_rows": round(bs.rows / bs.batches, 2) if bs.batches else None,
+        "max_rows": bs.max_batch_rows,
+        "inline_batches": bs.inline_batches,
+        "inline_limit_us": round(state.inline_max_s * 1e6, 1),
+        "run_cost_us": {
+            f"{1 << k}-{(2 << k) - 1}": round(c * 1e6, 1)
+            for k, c in enumerate(bs.run_cost_s)
+            if c is not None
+        },
+        "queue_depth": state.queue_depth,
+        "shed": bs.shed,
     }
 
 
@@ -254,25 +281,7 @@ def monitor_doc(serving: Serving) -> dict[str, Any]:
                 "rates": mon.rates() if mon else {"out_of_range": None, "duplicates": None},
             }
             if mon is not None:
-                manifest = mp.backends[v].manifest
-                edges = () if manifest is None else manifest.feature_edges
-                for e, h in zip(edges, mon.histograms(), strict=True):
-                    doc["features"].append({**h, "edges": list(e)})
-                short, long = mon.judged.get("short"), mon.judged.get("long")
-                for i, fname in enumerate(mon.baseline.names):
-                    doc["drift"].append(
-                        {
-                            "name": fname,
-                            "psi_short": None if short is None else _round(short.psi[i]),
-                            "psi_long": None if long is None else _round(long.psi[i]),
-                            "ks_short": None if short is None else _round(short.ks[i]),
-                            "js_short": None if short is None else _round(short.js[i]),
-                            # no level until a window is full enough to be judged
-                            "level": mon.levels.get((fname, "psi", "any"), "ok")
-                            if short or long
-                            else None,
-                        }
-                    )
+                _monitor_plots(doc, mon, mp.backends[v].manifest)
             versions[v] = doc
         models[name] = {
             "mode": mp.config.mode,

@@ -143,6 +143,11 @@ class RolloutController:
         self._mark = self._take_mark()
         self._apply(self.weights())
 
+    @property
+    def step_started(self) -> float:
+        """When the current step began, on the clock `tick(now)` is given."""
+        return self._step_started
+
     def weights(self) -> dict[str, float]:
         return {self.stable: 100.0 - self.weight, self.canary: self.weight}
 

@@ -131,30 +131,41 @@ async def create_plan(
     for group in loaded.values():  # a reused batcher takes the new batching settings
         for b in group.values():
             b.configure(config.batching, config.limits)
-    models = {}
-    for model in config.models.values():
-        backends = loaded[model.name]
-        mp = ModelPlan(
-            config=model,
-            strategy=create_strategy(model),
-            backends=backends,
-            stats={v: counters.version(VersionKey(model.name, v)) for v in backends},
-        )
-        # A gated canary's agreement mirror has no [shadow] table: it takes the table's defaults.
-        s = model.shadow or ShadowConfig(primary=model.stable, mirrors=())
-        for m in _mirror_targets(model):
-            mp.lanes[m] = MirrorLane(
-                backends[m],
-                mp.stats[m].mirror,
-                queue_rows=s.queue_rows,
-                max_batch_rows=max(MIRROR_BATCH_ROWS, config.batching.max_batch_size),
-                timeout_s=s.timeout_ms / 1000.0,
-                breaker_failures=s.breaker_failures,
-                breaker_pause_s=s.breaker_pause_s,
-                clock=clock,
-            )
-        models[model.name] = mp
+    models = {
+        m.name: _model_plan(m, loaded[m.name], config=config, counters=counters, clock=clock)
+        for m in config.models.values()
+    }
     return Plan(config=config, models=models, loaded_at=time.time()), len(fresh)
+
+
+def _model_plan(
+    model: ModelConfig,
+    backends: dict[str, Backend],
+    *,
+    config: Config,
+    counters: Counters,
+    clock: Callable[[], float],
+) -> ModelPlan:
+    mp = ModelPlan(
+        config=model,
+        strategy=create_strategy(model),
+        backends=backends,
+        stats={v: counters.version(VersionKey(model.name, v)) for v in backends},
+    )
+    # A gated canary's agreement mirror has no [shadow] table: it takes the table's defaults.
+    s = model.shadow or ShadowConfig(primary=model.stable, mirrors=())
+    for m in _mirror_targets(model):
+        mp.lanes[m] = MirrorLane(
+            backends[m],
+            mp.stats[m].mirror,
+            queue_rows=s.queue_rows,
+            max_batch_rows=max(MIRROR_BATCH_ROWS, config.batching.max_batch_size),
+            timeout_s=s.timeout_ms / 1000.0,
+            breaker_failures=s.breaker_failures,
+            breaker_pause_s=s.breaker_pause_s,
+            clock=clock,
+        )
+    return mp
 
 
 def _mirror_targets(model: ModelConfig) -> tuple[str, ...]:

@@ -89,20 +89,34 @@ async def create_serving(
         await http.close()
         runners.close()
         raise
-    loop = asyncio.get_running_loop()
+    serving = _wire(plan, runners=runners, http=http, counters=counters, rng=rng)
+    if serving.state.load_error:
+        serving.reloader.last_error = serving.state.load_error
+    start_plan(plan)
+    serving.audit.append(
+        "start", digest=config.digest, models={m: mp.config.mode for m, mp in plan.models.items()}
+    )
+    return serving
+
+
+def _wire(
+    plan: Plan,
+    *,
+    runners: Runners,
+    http: aiohttp.ClientSession,
+    counters: Counters,
+    rng: random.Random | None,
+) -> Serving:
+    """Make the parts and hand each the others it uses."""
+    clock = asyncio.get_running_loop().time
     writer = Writer()
-    state_path, audit_path = state_paths(config)
+    state_path, audit_path = state_paths(plan.config)
     state, audit = StateFile(state_path, writer), AuditLog(audit_path, writer)
-    alerts, tasks, current = Alerts(), Tasks(), Current(plan)
+    alerts, tasks, current, load = Alerts(), Tasks(), Current(plan), LoopLoad()
     watch = Watch(alerts, counters)
     webhooks = Webhooks(alerts, http, tasks)
     rollouts = Rollouts(
-        plan=lambda: current.plan,
-        watch=watch,
-        state=state,
-        audit=audit,
-        alerts=alerts,
-        clock=loop.time,
+        plan=lambda: current.plan, watch=watch, state=state, audit=audit, alerts=alerts, clock=clock
     )
 
     def on_swap(new: Plan) -> None:
@@ -111,48 +125,19 @@ async def create_serving(
         webhooks.attach(new.config.alerts.webhook)
 
     reloader = Reloader(
-        current,
-        runners=runners,
-        http=http,
-        counters=counters,
-        audit=audit,
-        tasks=tasks,
+        current, runners=runners, http=http, counters=counters, audit=audit, tasks=tasks,
         on_swap=on_swap,
-    )
-    load = LoopLoad()
+    )  # fmt: skip
     scheduler = Scheduler(
-        current=current,
-        reloader=reloader,
-        watch=watch,
-        rollouts=rollouts,
-        load=load,
-        clock=loop.time,
+        current=current, reloader=reloader, watch=watch, rollouts=rollouts, load=load, clock=clock
     )
     on_swap(plan)
-    if state.load_error:
-        reloader.last_error = state.load_error
-    start_plan(plan)
-    audit.append(
-        "start", digest=config.digest, models={m: mp.config.mode for m, mp in plan.models.items()}
-    )
     return Serving(
-        current=current,
-        counters=counters,
-        reloader=reloader,
-        rollouts=rollouts,
-        scheduler=scheduler,
-        load=load,
-        watch=watch,
-        alerts=alerts,
-        webhooks=webhooks,
-        state=state,
-        audit=audit,
-        rng=rng or random.Random(),
-        tasks=tasks,
-        runners=runners,
-        http=http,
-        writer=writer,
-    )
+        current=current, counters=counters, reloader=reloader, rollouts=rollouts,
+        scheduler=scheduler, load=load, watch=watch, alerts=alerts, webhooks=webhooks,
+        state=state, audit=audit, rng=rng or random.Random(), tasks=tasks, runners=runners,
+        http=http, writer=writer,
+    )  # fmt: skip
 
 
 async def close_serving(serving: Serving) -> None:
