@@ -41,7 +41,7 @@ def parse_model(name: str, table: Any, base_dir: Path, errors: list[str]) -> Mod
     n_errors = len(errors)
     if not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
         r.error("a model name may hold only letters, digits, '-', '_' and '.'")
-    mode = r.get("mode", "a string", "single")
+    mode = r.get("mode", "a string", field_default(ModelConfig, "mode"))
     if mode not in MODES:
         r.error(f"must be one of {', '.join(MODES)}, not {mode!r}", "mode")
     stable = r.get("stable", "a string")
@@ -255,7 +255,7 @@ def _parse_blue_green(
 ) -> BlueGreenConfig | None:
     blue = r.get("blue", "a string")
     green = r.get("green", "a string")
-    active = r.get("active", "a string", "blue")
+    active = r.get("active", "a string", field_default(BlueGreenConfig, "active"))
     r.done()
     ok = _version_ref(r, "blue", blue, versions, model)
     ok = _version_ref(r, "green", green, versions, model) and ok

@@ -134,7 +134,7 @@ class ShadowConfig:
     breaker_pause_s: float = 10.0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class BlueGreenConfig:
     """[models.X.blue_green]: two loaded, warm versions, one of them live."""
 
@@ -142,9 +142,8 @@ class BlueGreenConfig:
     blue: str
     # Required. The other version (not the same as `blue`).
     green: str
-    # "blue" or "green": which of the two serves; the other stays loaded and warm. The parser
-    # defaults it to "blue" when it is omitted.
-    active: Literal["blue", "green"]
+    # "blue" or "green": which of the two serves; the other stays loaded and warm.
+    active: Literal["blue", "green"] = "blue"
 
     @property
     def active_version(self) -> str:
@@ -183,7 +182,7 @@ class DriftConfig:
     mae_margin: float = 0.5
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ModelConfig:
     """[models.X]: one model, served at /v2/models/X/infer.
 
@@ -194,8 +193,8 @@ class ModelConfig:
     # (derived) The model's name: the key X of [models.X]; letters, digits, '-', '_' and '.'.
     name: str
     # "single", "canary", "shadow" or "blue_green": which strategy is in force; its table must
-    # exist, the others may stay in the file. The parser defaults it to "single" when it is omitted.
-    mode: Mode
+    # exist, the others may stay in the file.
+    mode: Mode = "single"
     # Required. The proven version: it serves in single mode, and canary rollback and fallback
     # send traffic back to it.
     stable: str
