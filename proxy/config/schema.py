@@ -28,7 +28,7 @@ MODES = ("single", "canary", "shadow", "blue_green")
 Mode = Literal["single", "canary", "shadow", "blue_green"]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class VersionConfig:
     """[models.X.versions.V]: one version of a model, a local directory (`path`) or a remote
     server (`url`); usually written inline: `v1 = { path = "models/cancer/v1" }`.
@@ -53,7 +53,7 @@ class VersionConfig:
     baseline: Path | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class GatesConfig:
     """[models.X.canary.gates]: what the canary's traffic since its step began must show to go
     on; usually written inline: `gates = { max_error_rate = 0.01, max_p99_ms = 25 }`. Any gate
@@ -85,7 +85,7 @@ class GatesConfig:
         return any(g is not None for g in gates)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class CanaryConfig:
     """[models.X.canary]: a weighted split, optionally stepped up while the gates hold.
 
@@ -109,7 +109,7 @@ class CanaryConfig:
     canary: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ShadowConfig:
     """[models.X.shadow]: the primary answers; mirrors get a copy of `sample` of the requests.
 
@@ -154,7 +154,7 @@ class BlueGreenConfig:
         return self.green if self.active == "blue" else self.blue
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class DriftConfig:
     """[models.X.drift]: how a model's versions are watched for data and concept drift."""
 
@@ -213,7 +213,7 @@ class ModelConfig:
     drift: DriftConfig = field(default_factory=DriftConfig)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ServerConfig:
     """[server]: where the data plane listens. A reload cannot change it: restart."""
 
@@ -229,7 +229,7 @@ class ServerConfig:
     max_body_bytes: int = 4 * 1024 * 1024
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class AdminConfig:
     """[admin]: the admin API, /metrics and the dashboard, on their own port. A reload cannot
     change it: restart.
@@ -245,7 +245,7 @@ class AdminConfig:
     token_env: str = "MLPROXY_ADMIN_TOKEN"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class LimitsConfig:
     """[limits]: load shedding."""
 
@@ -258,7 +258,7 @@ class LimitsConfig:
     adaptive: bool = True
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class BatchingConfig:
     """[batching]: the micro-batcher in front of each local ONNX version."""
 
@@ -272,7 +272,7 @@ class BatchingConfig:
     inline_max_us: float = 50.0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class AlertsConfig:
     """[alerts]: where alerts go, and when overload is one."""
 
@@ -287,7 +287,7 @@ class AlertsConfig:
     overload_for_s: float = 5.0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
     """The whole validated config file."""
 
