@@ -13,11 +13,10 @@ from pathlib import Path
 from aiohttp import web
 
 from proxy.http.metrics import CONTENT_TYPE, Registry, create_registry, render
-from proxy.http.views import monitor_doc, monitor_snapshot, snapshot, status
+from proxy.http.views import AdminState, monitor_doc, monitor_snapshot, snapshot, status
 from proxy.routing.rollout import RolloutController
-from proxy.runtime.serving import Serving
 
-SERVING = web.AppKey("serving", Serving)
+SERVING = web.AppKey("serving", AdminState)
 REGISTRY = web.AppKey("registry", Registry)
 log = logging.getLogger("mlproxy.admin")
 DASHBOARD = Path(__file__).with_name("dashboard.html")
@@ -33,7 +32,7 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def mutation_guard(serving: Serving, handler: Handler) -> Handler:
+def mutation_guard(serving: AdminState, handler: Handler) -> Handler:
     """POST /admin/* needs the bearer token when [admin] token_env names a set variable; with
     no token, mutations are allowed only while the admin plane listens on loopback."""
 
@@ -149,7 +148,7 @@ async def _rollback(request: web.Request) -> web.Response:
     return web.json_response(c.describe(asyncio.get_running_loop().time()))
 
 
-def create_admin_app(serving: Serving, registry: Registry | None = None) -> web.Application:
+def create_admin_app(serving: AdminState, registry: Registry | None = None) -> web.Application:
     app = web.Application()
     app[SERVING] = serving
     app[REGISTRY] = (

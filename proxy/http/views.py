@@ -5,18 +5,60 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from typing import Any, Protocol
 
-from proxy.config.schema import VersionKey
+from proxy.config.schema import Config, VersionKey
 from proxy.engine.batching import BatcherState
+from proxy.engine.counters import Counters
 from proxy.http.metrics import MonitorSnapshot, MonitorView, Snapshot, VersionView
 from proxy.models.manifest import Manifest
+from proxy.monitoring.alerts import Alerts
 from proxy.monitoring.tracker import VersionMonitor
-from proxy.monitoring.watch import VersionWatch
-from proxy.runtime.serving import Serving
+from proxy.monitoring.watch import VersionWatch, Watch
+from proxy.runtime.current import Current
+from proxy.runtime.load import LoopLoad
+from proxy.runtime.plan import Plan
+from proxy.runtime.reloader import Reloader
+from proxy.runtime.rollouts import Rollouts
+from proxy.runtime.webhooks import Webhooks
 
 
-def snapshot(serving: Serving) -> Snapshot:
+class AdminState(Protocol):
+    """What the admin plane reads, and the two things it acts on (reloader, rollouts);
+    runtime.serving.Serving is one. The admin plane gets nothing else."""
+
+    @property
+    def current(self) -> Current: ...
+
+    @property
+    def counters(self) -> Counters: ...
+
+    @property
+    def reloader(self) -> Reloader: ...
+
+    @property
+    def rollouts(self) -> Rollouts: ...
+
+    @property
+    def load(self) -> LoopLoad: ...
+
+    @property
+    def watch(self) -> Watch: ...
+
+    @property
+    def alerts(self) -> Alerts: ...
+
+    @property
+    def webhooks(self) -> Webhooks: ...
+
+    @property
+    def plan(self) -> Plan: ...
+
+    @property
+    def config(self) -> Config: ...
+
+
+def snapshot(serving: AdminState) -> Snapshot:
     views = []
     plan = serving.plan
     counters = serving.counters
@@ -58,7 +100,7 @@ def snapshot(serving: Serving) -> Snapshot:
 LEVELS = {"ok": 0, "warn": 1, "alert": 2}
 
 
-def monitor_snapshot(serving: Serving) -> MonitorSnapshot:
+def monitor_snapshot(serving: AdminState) -> MonitorSnapshot:
     w = serving.watch
     views = []
     for (model, version), vw in w.versions.items():
@@ -150,7 +192,7 @@ def _monitoring_summary(vw: VersionWatch) -> dict[str, Any]:
     return doc
 
 
-def status(serving: Serving) -> dict[str, Any]:
+def status(serving: AdminState) -> dict[str, Any]:
     plan = serving.plan
     models: dict[str, Any] = {}
     now = asyncio.get_running_loop().time()
@@ -246,7 +288,7 @@ def _round(v: float | None, digits: int = 5) -> float | None:
     return None if v is None else round(float(v), digits)
 
 
-def monitor_doc(serving: Serving) -> dict[str, Any]:
+def monitor_doc(serving: AdminState) -> dict[str, Any]:
     """What the dashboard draws (GET /admin/monitor): per model and version, latency over time,
     feature histograms against their baseline, drift scores, agreement, accuracy, open alerts."""
     plan = serving.plan
