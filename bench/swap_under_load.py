@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+
 from harness.floors import Check
 from harness.payloads import cancer_rows, infer_bodies
 from harness.report import md_table, write_json
