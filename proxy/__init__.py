@@ -1,3 +1,3 @@
 """mlproxy: serve ONNX model versions behind canary, shadow and blue-green deployments."""
 
-__version__ = "0.3.2"
+__version__ = "0.4.0"
