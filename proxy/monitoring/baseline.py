@@ -40,6 +40,66 @@ class Baseline:
         if not isinstance(base, dict) or not base.get("features"):
             return None
         feats = base["features"]
+        bounds = _FeatureBounds.of(feats)
+        outs = _Outputs.of(base.get("outputs", {}))
+        n, width = len(feats), bounds.width
+        return cls(
+            names=[f["name"] for f in feats] + outs.names(),
+            n_features=n,
+            width=width,
+            fractions=bounds.fractions,
+            classes=outs.classes,
+            label_fractions=outs.label_fractions,
+            prob_edges=outs.prob_edges,
+            prob_fractions=outs.prob_fractions,
+            nbins=bounds.nbins,
+            keys=np.concatenate(bounds.keys),
+            lanes=bounds.lanes,
+            shift=bounds.offsets - np.arange(n) * width,
+            under=np.arange(n) * width,
+            over=np.arange(n) * width + bounds.nbins + 1,
+            edges64=bounds.edges64,
+            var_edges=outs.var_edges,
+            var_fractions=outs.var_fractions,
+            prob_inner=None if outs.prob_edges is None else outs.prob_edges[1:-1].copy(),
+        )
+
+    def bin(self, x: Array) -> Array:
+        """Where every value of x [n, F] is counted: feature i's bin j is at i * width + j, with
+        j = 0 the underflow, 1..B the feature's bins and B+1 the overflow. Exact: a value on an
+        edge is counted where packaging counted the training rows.
+
+        float32 rows (ONNX models' usual input) take one searchsorted for all features: each
+        value becomes a uint64 whose high half is its feature and whose low half orders like
+        the float, and the boundaries are keyed alike. Other dtypes take one per feature.
+        """
+        if x.dtype == np.float32:
+            k = order_keys(np.ascontiguousarray(x)).astype(np.uint64)
+            k |= self.lanes
+            pos: Array = np.searchsorted(self.keys, k.ravel(), side="right").reshape(x.shape)
+            pos -= self.shift
+            return pos
+        out = np.empty(x.shape, dtype=np.int64)
+        for i, bounds in enumerate(self.edges64):
+            col = x[:, i].astype(np.float64, copy=False)
+            out[:, i] = np.searchsorted(bounds, col, side="right") + self.under[i]
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class _FeatureBounds:
+    """The manifest's features as binning needs them: fractions, and bounds keyed two ways."""
+
+    width: int
+    fractions: Array  # [F, width]
+    nbins: Array  # [F]
+    lanes: Array  # [F] uint64
+    keys: list[Array]  # per feature: its float32 boundaries' order keys, in its lane
+    offsets: Array  # [F] where each feature's keys start in their concatenation
+    edges64: list[Array]
+
+    @classmethod
+    def of(cls, feats: list[dict[str, Any]]) -> _FeatureBounds:
         n = len(feats)
         width = max(len(f["edges"]) - 1 for f in feats) + 2
         fractions = np.zeros((n, width))
@@ -63,64 +123,52 @@ class Baseline:
             keys.append(
                 order_keys(np.array(first32, dtype=np.float32)).astype(np.uint64) | lanes[i]
             )
-        outs = base.get("outputs", {})
-        classes = label_fr = prob_edges = prob_fr = var_edges = var_fr = None
-        var = outs.get("variable")
-        if isinstance(var, dict) and "label" not in outs:
-            var_edges = np.asarray(var["edges"], dtype=np.float64)
-            var_edges[-1] = np.nextafter(var_edges[-1], np.inf)  # the maximum itself is in range
-            var_fr = np.concatenate([[0.0], np.asarray(var["fractions"], dtype=np.float64), [0.0]])
-        if "label" in outs:
-            classes = np.asarray(outs["label"]["classes"])
-            label_fr = np.asarray(outs["label"]["fractions"], dtype=np.float64)
-            prob_edges = np.asarray(outs["probabilities"]["edges"], dtype=np.float64)
-            prob_fr = np.asarray(outs["probabilities"]["fractions"], dtype=np.float64)
-        names = [f["name"] for f in feats]
-        if classes is not None and prob_fr is not None:
-            names += ["label"] + [f"probabilities[{c}]" for c in classes.tolist()]
-        elif var_edges is not None:
-            names += ["variable"]
         return cls(
-            names=names,
-            n_features=n,
             width=width,
             fractions=fractions,
-            classes=classes,
-            label_fractions=label_fr,
-            prob_edges=prob_edges,
-            prob_fractions=prob_fr,
             nbins=nbins,
-            keys=np.concatenate(keys),
             lanes=lanes,
-            shift=offsets - np.arange(n) * width,
-            under=np.arange(n) * width,
-            over=np.arange(n) * width + nbins + 1,
+            keys=keys,
+            offsets=offsets,
             edges64=edges64,
-            var_edges=var_edges,
-            var_fractions=var_fr,
-            prob_inner=None if prob_edges is None else prob_edges[1:-1].copy(),
         )
 
-    def bin(self, x: Array) -> Array:
-        """Where every value of x [n, F] is counted: feature i's bin j is at i * width + j, with
-        j = 0 the underflow, 1..B the feature's bins and B+1 the overflow. Exact: a value on an
-        edge is counted where packaging counted the training rows.
 
-        float32 rows (ONNX models' usual input) take one searchsorted for all features: each
-        value becomes a uint64 whose high half is its feature and whose low half orders like
-        the float, and the boundaries are keyed alike. Other dtypes take one per feature.
-        """
-        if x.dtype == np.float32:
-            k = order_keys(np.ascontiguousarray(x)).astype(np.uint64)
-            k |= self.lanes
-            pos: Array = np.searchsorted(self.keys, k.ravel(), side="right").reshape(x.shape)
-            pos -= self.shift
-            return pos
-        out = np.empty(x.shape, dtype=np.int64)
-        for i, bounds in enumerate(self.edges64):
-            col = x[:, i].astype(np.float64, copy=False)
-            out[:, i] = np.searchsorted(bounds, col, side="right") + self.under[i]
-        return out
+@dataclass(frozen=True, slots=True)
+class _Outputs:
+    """The manifest's output baseline: class labels and probabilities, or a regression variable."""
+
+    classes: Array | None = None
+    label_fractions: Array | None = None
+    prob_edges: Array | None = None
+    prob_fractions: Array | None = None
+    var_edges: Array | None = None
+    var_fractions: Array | None = None
+
+    @classmethod
+    def of(cls, outs: dict[str, Any]) -> _Outputs:
+        if "label" in outs:
+            return cls(
+                classes=np.asarray(outs["label"]["classes"]),
+                label_fractions=np.asarray(outs["label"]["fractions"], dtype=np.float64),
+                prob_edges=np.asarray(outs["probabilities"]["edges"], dtype=np.float64),
+                prob_fractions=np.asarray(outs["probabilities"]["fractions"], dtype=np.float64),
+            )
+        var = outs.get("variable")
+        if not isinstance(var, dict):
+            return cls()
+        var_edges = np.asarray(var["edges"], dtype=np.float64)
+        var_edges[-1] = np.nextafter(var_edges[-1], np.inf)  # the maximum itself is in range
+        var_fr = np.concatenate([[0.0], np.asarray(var["fractions"], dtype=np.float64), [0.0]])
+        return cls(var_edges=var_edges, var_fractions=var_fr)
+
+    def names(self) -> list[str]:
+        """The outputs' distribution names, after the features'."""
+        if self.classes is not None and self.prob_fractions is not None:
+            return ["label"] + [f"probabilities[{c}]" for c in self.classes.tolist()]
+        if self.var_edges is not None:
+            return ["variable"]
+        return []
 
 
 SIGN = np.uint32(0x80000000)
