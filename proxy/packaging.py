@@ -153,9 +153,81 @@ def package_model(
     description: str = "",
 ) -> Path:
     """Convert a fitted sklearn model and write model.onnx + manifest.json; returns the directory."""
-    import onnxruntime as ort  # only for computing the baseline outputs from the converted model
     from sklearn.base import is_classifier
 
+    x_train, names = _training_data(x_train, feature_names)
+    blob = convert(model, len(names))
+    session = _session(blob)
+    outputs = _infer(session, x_train)
+    classifier = is_classifier(model)
+    classes = (
+        [c.item() if hasattr(c, "item") else c for c in model.classes_] if classifier else None
+    )
+    metrics: dict[str, Any] = {}
+    if holdout is not None:
+        hx, hy = holdout
+        metrics = _holdout_metrics(_infer(session, hx), hy, classifier=classifier)
+    manifest = _manifest(
+        model,
+        blob=blob,
+        x_train=x_train,
+        names=names,
+        outputs=outputs,
+        classes=classes,
+        metrics=metrics,
+        name=name,
+        version=version,
+        description=description,
+    )
+    return _write(repo / name / version, blob, manifest)
+
+
+def _manifest(
+    model: Any,
+    *,
+    blob: bytes,
+    x_train: np.ndarray[Any, Any],
+    names: list[str],
+    outputs: dict[str, np.ndarray[Any, Any]],
+    classes: list[Any] | None,
+    metrics: dict[str, Any],
+    name: str,
+    version: str,
+    description: str,
+) -> dict[str, Any]:
+    """What the version's manifest.json says: the model file, its inputs and outputs, the
+    training data's fingerprint and baseline, the code that built it, its holdout metrics."""
+    return {
+        "format_version": 1,
+        "name": name,
+        "version": version,
+        "description": description,
+        "task": "regression" if classes is None else "classification",
+        "classes": classes,
+        "model": {
+            "file": MODEL_FILE,
+            "sha256": hashlib.sha256(blob).hexdigest(),
+            "bytes": len(blob),
+            "estimator": repr(model),
+        },
+        "inputs": [
+            {"name": "input", "datatype": "FP32", "shape": [-1, len(names)], "features": names}
+        ],
+        "outputs": _outputs_spec(classes),
+        "training_data": fingerprint(x_train),
+        "code": {"git_commit": _git_commit(), "libraries": _versions()},
+        "baseline": {
+            "features": feature_baseline(x_train, names),
+            "outputs": output_baseline(outputs, classes),
+        },
+        "metrics": {"holdout": metrics},
+    }
+
+
+def _training_data(
+    x_train: np.ndarray[Any, Any], feature_names: list[str] | None
+) -> tuple[np.ndarray[Any, Any], list[str]]:
+    """The training rows as an array, checked, and a name per column (f0, f1, ... by default)."""
     x_train = np.asarray(x_train)
     if x_train.ndim != 2 or x_train.shape[0] < 2:
         raise ValueError(f"training data must be a 2-D array with rows, not shape {x_train.shape}")
@@ -165,68 +237,56 @@ def package_model(
     names = feature_names or [f"f{i}" for i in range(n)]
     if len(names) != n:
         raise ValueError(f"{len(names)} feature names for {n} columns")
-    blob = convert(model, n)
+    return x_train, names
+
+
+def _session(blob: bytes) -> Any:
+    """An onnxruntime session of the converted model (only to compute its outputs here)."""
+    import onnxruntime as ort
+
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
-    session = ort.InferenceSession(blob, sess_options=options, providers=["CPUExecutionProvider"])
-    x32 = x_train.astype(np.float32)
+    return ort.InferenceSession(blob, sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def _infer(session: Any, x: np.ndarray[Any, Any]) -> dict[str, np.ndarray[Any, Any]]:
+    """Every output of the converted model on rows `x` (as float32, the model's input type)."""
     out_names = [o.name for o in session.get_outputs()]
-    outputs = dict(zip(out_names, session.run(out_names, {"input": x32}), strict=True))
-    classifier = is_classifier(model)
-    classes = (
-        [c.item() if hasattr(c, "item") else c for c in model.classes_] if classifier else None
-    )
-    if classifier:
-        outputs_spec = [
+    results = session.run(out_names, {"input": x.astype(np.float32)})
+    return dict(zip(out_names, results, strict=True))
+
+
+def _outputs_spec(classes: list[Any] | None) -> list[dict[str, Any]]:
+    """The manifest's outputs: label and probabilities of a classifier, a regressor's variable."""
+    if classes is not None:
+        return [
             {"name": "label", "datatype": "INT64", "shape": [-1]},
-            {"name": "probabilities", "datatype": "FP32", "shape": [-1, len(classes or [])]},
+            {"name": "probabilities", "datatype": "FP32", "shape": [-1, len(classes)]},
         ]
-    else:
-        outputs_spec = [{"name": "variable", "datatype": "FP32", "shape": [-1, 1]}]
-    metrics: dict[str, Any] = {}
-    if holdout is not None:
-        hx, hy = holdout
-        pred = dict(
-            zip(out_names, session.run(out_names, {"input": hx.astype(np.float32)}), strict=True)
-        )
-        if classifier:
-            metrics = {"accuracy": float(np.mean(pred["label"] == hy)), "rows": int(hy.shape[0])}
-        else:
-            metrics = {
-                "mae": float(np.mean(np.abs(pred["variable"].reshape(-1) - hy))),
-                "rows": int(hy.shape[0]),
-            }
-    manifest = {
-        "format_version": 1,
-        "name": name,
-        "version": version,
-        "description": description,
-        "task": "classification" if classifier else "regression",
-        "classes": classes,
-        "model": {
-            "file": MODEL_FILE,
-            "sha256": hashlib.sha256(blob).hexdigest(),
-            "bytes": len(blob),
-            "estimator": repr(model),
-        },
-        "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, n], "features": names}],
-        "outputs": outputs_spec,
-        "training_data": fingerprint(x_train),
-        "code": {"git_commit": _git_commit(), "libraries": _versions()},
-        "baseline": {
-            "features": feature_baseline(x_train, names),
-            "outputs": output_baseline(outputs, classes),
-        },
-        "metrics": {"holdout": metrics},
+    return [{"name": "variable", "datatype": "FP32", "shape": [-1, 1]}]
+
+
+def _holdout_metrics(
+    pred: dict[str, np.ndarray[Any, Any]], hy: np.ndarray[Any, Any], *, classifier: bool
+) -> dict[str, Any]:
+    """Accuracy (classifier) or mean absolute error (regressor) on the holdout rows."""
+    if classifier:
+        return {"accuracy": float(np.mean(pred["label"] == hy)), "rows": int(hy.shape[0])}
+    return {
+        "mae": float(np.mean(np.abs(pred["variable"].reshape(-1) - hy))),
+        "rows": int(hy.shape[0]),
     }
-    directory = repo / name / version
+
+
+def _write(directory: Path, blob: bytes, manifest: dict[str, Any]) -> Path:
+    """model.onnx and manifest.json (sorted keys, so builds compare byte for byte) in `directory`."""
     directory.mkdir(parents=True, exist_ok=True)
     write_atomic(directory / MODEL_FILE, blob)
     write_atomic(
         directory / MANIFEST_FILE,
         orjson.dumps(manifest, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n",
     )
-    assert sha256_file(directory / MODEL_FILE) == manifest["model"]["sha256"]  # type: ignore[index]
+    assert sha256_file(directory / MODEL_FILE) == manifest["model"]["sha256"]
     return directory
 
 
