@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
@@ -15,10 +14,10 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from proxy.engine.stats import LatencyHistogram, VersionStats
+from proxy.engine.stats import LatencyHistogram
+from proxy.http.snapshots import MonitorSnapshot, MonitorView, Snapshot, VersionView
 from proxy.models.backends import BackendKind
 from proxy.monitoring.alerts import AlertKind
-from proxy.monitoring.drift import Judgement
 from proxy.routing.rollout import RolloutStatus
 
 Registry = CollectorRegistry
@@ -26,36 +25,6 @@ S = TypeVar("S")
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 MV = ("model", "version")  # the labels of every per-version family
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # rows per run
-
-
-@dataclass(frozen=True, slots=True)
-class VersionView:
-    """One served version as the exporter sees it."""
-
-    model: str
-    version: str
-    kind: BackendKind
-    weight: float
-    stats: VersionStats
-    batches: int = 0
-    batch_rows: int = 0
-    queue_depth: int = 0
-    shed: int = 0
-    fallbacks: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class Snapshot:
-    """Everything exported, read at scrape time."""
-
-    versions: list[VersionView]
-    inflight: int
-    shed: int
-    config_loaded_at: float
-    reloads: dict[str, int] = field(default_factory=dict)
-    rollouts: dict[str, str] = field(default_factory=dict)
-    alerts: int = 0
-    config_ok: bool = True
 
 
 class _SnapshotCollector(Collector, Generic[S]):
@@ -249,39 +218,6 @@ def create_registry(
 def render(registry: CollectorRegistry) -> bytes:
     data: bytes = generate_latest(registry)
     return data
-
-
-@dataclass(frozen=True, slots=True)
-class MonitorView:
-    """What monitoring knows of one version, as the exporter sees it."""
-
-    model: str
-    version: str
-    names: list[str]
-    short: Judgement | None
-    long: Judgement | None
-    levels: dict[str, int]  # 0 ok, 1 warn, 2 alert, per feature or output
-    out_of_range: float | None
-    duplicates: float | None
-    accuracy_short: float | None
-    accuracy_long: float | None
-    holdout_accuracy: float | None
-    mae_short: float | None
-    mae_long: float | None
-    holdout_mae: float | None
-    queue_wait: LatencyHistogram | None
-    batch_rows: dict[int, int]
-
-
-@dataclass(frozen=True, slots=True)
-class MonitorSnapshot:
-    versions: list[MonitorView]
-    loop_lag_s: float
-    loop_busy: float
-    nonfinite: dict[str, int]
-    feedback: dict[tuple[str, str], int]
-    webhook: dict[str, int]
-    open_alerts: dict[str, int]
 
 
 class MonitorCollector(_SnapshotCollector[MonitorSnapshot]):

@@ -10,7 +10,7 @@ from typing import Any, Protocol
 from proxy.config.schema import Config, VersionKey
 from proxy.engine.batching import BatcherState
 from proxy.engine.counters import Counters
-from proxy.http.metrics import MonitorSnapshot, MonitorView, Snapshot, VersionView
+from proxy.http.snapshots import MonitorSnapshot, MonitorView, Snapshot, VersionView
 from proxy.models.manifest import Manifest
 from proxy.monitoring.alerts import Alerts
 from proxy.monitoring.tracker import VersionMonitor
