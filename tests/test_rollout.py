@@ -58,7 +58,7 @@ async def test_canary_steps_up_while_gates_hold_then_promotes(
         write_config(canary(repo, "v2", weights="v1 = 90, v2 = 10", extra=extra))
     )
     c = serving.rollouts.get("cancer")
-    t0 = c._step_started
+    t0 = c.step_started
     assert c.weight == pytest.approx(10.0) and c.status == "progressing"
     assert c.tick(t0 + 11) == "wait"  # no canary traffic yet: too few samples to judge
     await send(client, cancer_rows, 400)
@@ -89,7 +89,7 @@ async def test_wrong_answers_roll_back_automatically_without_a_client_error(
     assert answered.count("wrong") >= 20
     await asyncio.wait_for(serving.plan.models["cancer"].lanes["v1"].drained(), timeout=10)
     c = serving.rollouts.get("cancer")
-    assert c.tick(c._step_started + 1) == "rollback"
+    assert c.tick(c.step_started + 1) == "rollback"
     assert c.status == "rolled_back" and c.weight == 0.0
     alerts = [a.to_json() for a in serving.alerts.recent()]
     assert (
@@ -114,7 +114,7 @@ async def test_failing_canary_falls_back_and_rolls_back(
     assert broken.requests >= 20 and broken.errors == broken.requests
     assert serving.counters.fallbacks_of(VersionKey("cancer", "broken")) == broken.errors
     c = serving.rollouts.get("cancer")
-    assert c.tick(c._step_started + 1) == "rollback"
+    assert c.tick(c.step_started + 1) == "rollback"
     assert (
         "error rate 1.0000 > max_error_rate 0.05"
         in [a.to_json() for a in serving.alerts.recent()][-1]["message"]
@@ -271,11 +271,11 @@ async def test_drift_gate_rolls_back_a_canary_whose_inputs_drift(
     )
     c = serving.rollouts.get("cancer")
     await send(client, cancer_rows, 60)
-    assert c.tick(c._step_started + 1) == "wait"  # the canary's drift window is not full yet
+    assert c.tick(c.step_started + 1) == "wait"  # the canary's drift window is not full yet
     shifted = cancer_rows.copy()
     shifted[:, 3] += cancer_rows[:, 3].std()  # mean_area moves by one standard deviation
     await send(client, shifted, 400, offset=60)
-    assert c.tick(c._step_started + 1) == "rollback"
+    assert c.tick(c.step_started + 1) == "rollback"
     assert "drift of mean_area: PSI" in c.cause and "> max_psi 0.25" in c.cause
 
 

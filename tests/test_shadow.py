@@ -9,6 +9,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from proxy.engine.mirror import MirrorLane
+from proxy.engine.stats import MirrorStats
+
 from .helpers import infer_body, model_section, reference
 
 
@@ -141,40 +144,78 @@ async def test_sample_fraction_is_mirrored(
     assert abs(m.sent + m.dropped - n * 0.2) <= 3 * sigma
 
 
-async def test_mirror_queue_keeps_rows_and_answers_together_across_its_buffer_end(
-    start: Any, write_config: Any, model_repo: Path, cancer_rows: Any
-) -> None:
+class HeldMirror:
+    """A mirror version that hands each batch to the test and answers when the test says so:
+    it answers each row's first value as its label and the row itself as its floats."""
+
+    version = "held"
+    kind = "local"
+
+    def __init__(self) -> None:
+        self.batches: asyncio.Queue[tuple[np.ndarray[Any, Any], asyncio.Future[None]]] = (
+            asyncio.Queue()
+        )
+
+    async def infer(self, x: Any, *, background: bool = False) -> dict[str, Any]:
+        release = asyncio.get_running_loop().create_future()
+        await self.batches.put((x, release))
+        await release
+        return {"label": x[:, 0].astype(np.int64), "echo": x.copy()}
+
+
+async def test_mirror_queue_keeps_rows_and_answers_together_across_its_buffer_end() -> None:
     """The queue is one preallocated buffer: rows slide back to its start when its end is
-    reached, and each batch carries exactly the primary's answers to its own rows."""
-    config = write_config(shadow_config(model_repo, extra="queue_rows = 10\n"))
-    _client, serving = await start(config)
-    lane = serving.plan.models["cancer"].lanes["v2"]
-    rows = cancer_rows[:12].astype(np.float32)
-    answers = reference(model_repo, "v1", rows)
+    reached, and each batch carries exactly the primary's answers to its own rows (the mirror
+    answers the same as the primary for the same row, so every compared row agrees)."""
+    mirror, stats = HeldMirror(), MirrorStats()
+    lane = MirrorLane(
+        mirror,
+        stats,
+        queue_rows=10,
+        max_batch_rows=256,
+        timeout_s=10.0,
+        breaker_failures=3,
+        breaker_pause_s=1.0,
+        clock=asyncio.get_running_loop().time,
+        linger_s=0.0,
+    )
+    rows = np.arange(12, dtype=np.float32)[:, None] + np.array([[0.0, 0.25, 0.5]], np.float32)
+    answers = {"label": np.arange(12, dtype=np.int64), "echo": rows.copy()}
 
     def offer(i: int, n: int) -> None:  # no await in between: the lane's task cannot run
         lane.offer(rows[i : i + n], {k: v[i : i + n] for k, v in answers.items()})
 
-    offer(0, 4)
-    offer(4, 4)
-    x, primary = lane._take_batch()
-    assert x.tolist() == rows[:8].tolist() and lane.queued_rows == 0
-    offer(8, 3)
-    offer(0, 3)
-    lane.max_batch_rows = 2
-    x, _ = lane._take_batch()  # head moves to 2 of the 6 queued rows
-    assert x.tolist() == rows[8:10].tolist()
-    offer(3, 5)  # 4 + 5 rows fit the queue of 10, not the buffer's end: slide back, then append
-    assert lane.queued_rows == 9
-    offer(0, 2)  # 11 rows would not fit: dropped and counted
-    assert serving.plan.models["cancer"].stats["v2"].mirror.dropped == 2
-    lane.max_batch_rows = 256
-    x, primary = lane._take_batch()
-    want = np.concatenate([rows[10:11], rows[0:3], rows[3:8]])
-    assert x.tolist() == want.tolist()
-    for k, v in answers.items():
-        assert primary[k].tolist() == np.concatenate([v[10:11], v[0:3], v[3:8]]).tolist()
-    assert lane.queued_rows == 0
+    async def next_batch() -> tuple[np.ndarray[Any, Any], asyncio.Future[None]]:
+        return await asyncio.wait_for(mirror.batches.get(), timeout=10)
+
+    lane.start()
+    try:
+        offer(0, 4)
+        offer(4, 4)
+        x, release = await next_batch()
+        assert x.tolist() == rows[:8].tolist() and lane.queued_rows == 0
+        offer(8, 3)
+        offer(0, 3)
+        lane.max_batch_rows = 2
+        release.set_result(None)
+        x, release = await next_batch()  # head moves to 2 of the 6 queued rows
+        assert x.tolist() == rows[8:10].tolist() and lane.queued_rows == 4
+        offer(3, 5)  # 4 + 5 rows fit the queue of 10, not the buffer's end: slide back, append
+        assert lane.queued_rows == 9
+        offer(0, 2)  # 11 rows would not fit: dropped and counted
+        assert stats.dropped == 2
+        lane.max_batch_rows = 256
+        release.set_result(None)
+        x, release = await next_batch()
+        want = np.concatenate([rows[10:11], rows[0:3], rows[3:8]])
+        assert x.tolist() == want.tolist() and lane.queued_rows == 0
+        release.set_result(None)
+        await asyncio.wait_for(lane.drained(), timeout=10)
+    finally:
+        await lane.close()
+    assert stats.sent == 8 + 6 + 5 and stats.compared == 8 + 2 + 9
+    assert stats.label_rows == stats.agreed == stats.compared  # answers stayed with their rows
+    assert stats.abs_diff_sum == 0.0 and stats.abs_diff_count == stats.compared * 3
 
 
 async def test_mirrors_yield_to_a_busy_serving_loop(
