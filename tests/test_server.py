@@ -1,4 +1,5 @@
-"""The whole server: graceful drain on stop, SIGHUP and file-change reloads in a real process."""
+"""The whole server: the drain on stop (and its timeout), what a reload cannot change, SIGHUP and
+file-change reloads in a real process."""
 
 from __future__ import annotations
 
