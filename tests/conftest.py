@@ -20,7 +20,7 @@ from proxy.runtime.serving import Serving, close_serving, create_serving
 
 # infer_body: test_fallback.py and test_readers.py still import it from here; drop it once they
 # import from .helpers
-from .helpers import BASE_CONFIG, infer_body, model_section  # noqa: F401
+from .helpers import BASE_CONFIG, model_section
 
 
 @pytest.fixture(scope="session")

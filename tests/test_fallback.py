@@ -9,7 +9,7 @@ from typing import Any
 from proxy.config.schema import VersionKey
 
 from .badmodels import build_broken
-from .conftest import infer_body, model_section
+from .helpers import infer_body, model_section
 
 
 def _canary(repo: Path) -> str:

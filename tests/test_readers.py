@@ -10,7 +10,7 @@ from sklearn.datasets import load_breast_cancer
 
 from proxy.http.admin import create_admin_app
 
-from .conftest import infer_body, model_section
+from .helpers import infer_body, model_section
 
 ROWS = load_breast_cancer().data.astype(np.float32)
 AREA = 3  # mean_area

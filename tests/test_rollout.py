@@ -234,6 +234,30 @@ async def test_without_token_mutations_need_a_loopback_admin(
     assert (await admin.get("/admin/status")).status == 200
 
 
+async def test_the_guard_follows_the_admin_table_the_plane_started_with(
+    start: Any,
+    write_config: Any,
+    model_repo: Path,
+    aiohttp_client: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # [admin] edits take effect at the next restart: a reload that moves the host off loopback
+    # (or names another token variable) must not change who may mutate the running plane.
+    monkeypatch.delenv("MLPROXY_ADMIN_TOKEN", raising=False)
+    monkeypatch.setenv("MLPROXY_OTHER_TOKEN", "other")
+    _, serving = await start(write_config(model_section(repo=model_repo)))
+    admin = await aiohttp_client(create_admin_app(serving))
+    write_config(
+        '[admin]\nhost = "0.0.0.0"\nport = 0\ntoken_env = "MLPROXY_OTHER_TOKEN"\n'
+        + model_section(repo=model_repo)
+    )
+    resp = await admin.post("/admin/reload")
+    assert resp.status == 200 and (await resp.json())["outcome"] == "ok"
+    assert serving.config.admin.host == "0.0.0.0"  # in force for the next start
+    resp = await admin.post("/admin/reload")  # still loopback, still no token needed
+    assert resp.status == 200, await resp.text()
+
+
 async def test_promote_without_a_canary_is_a_conflict(
     start: Any, write_config: Any, model_repo: Path, aiohttp_client: Any
 ) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from proxy.config.schema import AdminConfig
 from proxy.http.metrics import CONTENT_TYPE, Registry, create_registry, render
 from proxy.http.views import AdminState, monitor_doc, monitor_snapshot, snapshot, status
 from proxy.routing.rollout import RolloutController
@@ -32,12 +33,13 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def mutation_guard(serving: AdminState, handler: Handler) -> Handler:
+def mutation_guard(admin: AdminConfig, handler: Handler) -> Handler:
     """POST /admin/* needs the bearer token when [admin] token_env names a set variable; with
-    no token, mutations are allowed only while the admin plane listens on loopback."""
+    no token, mutations are allowed only while the admin plane listens on loopback. `admin` is
+    the [admin] table the plane was started with: a reload changes it only at the next restart,
+    so the guard follows where the plane really listens."""
 
     async def guarded(request: web.Request) -> web.StreamResponse:
-        admin = serving.config.admin
         token = os.environ.get(admin.token_env, "")
         if token:
             given = request.headers.get("Authorization", "")
@@ -161,7 +163,11 @@ def create_admin_app(serving: AdminState, registry: Registry | None = None) -> w
     app.router.add_get("/admin/monitor", _monitor)
     app.router.add_get("/dashboard", _dashboard)
     app.router.add_get("/metrics", _metrics)
-    app.router.add_post("/admin/reload", mutation_guard(serving, _reload))
-    app.router.add_post("/admin/models/{name}/promote", mutation_guard(serving, _promote))
-    app.router.add_post("/admin/models/{name}/rollback", mutation_guard(serving, _rollback))
+    app.router.add_post("/admin/reload", mutation_guard(serving.config.admin, _reload))
+    app.router.add_post(
+        "/admin/models/{name}/promote", mutation_guard(serving.config.admin, _promote)
+    )
+    app.router.add_post(
+        "/admin/models/{name}/rollback", mutation_guard(serving.config.admin, _rollback)
+    )
     return app
