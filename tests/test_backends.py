@@ -204,3 +204,48 @@ async def test_a_changed_remote_baseline_reloads_the_version(
     assert done["outcome"] == "ok" and done["versions_loaded"] == 1
     after = serving.plan.models["cancer"].backends["v3"]
     assert after is not before and after.manifest is not None and after.manifest.version == "v1"
+
+
+async def test_a_max_psi_gate_takes_a_remote_canary_only_with_a_baseline(
+    start: Any, write_config: Any, model_repo: Path, gated_upstream: Any, cancer_rows: Any
+) -> None:
+    """A remote canary watched on a baseline manifest is judged for drift like a local one, so
+    its max_psi gate works; without a baseline there is nothing to judge and the config is
+    refused at load, naming the key."""
+    _, _, url = gated_upstream
+    canary = (
+        "[models.cancer.canary]\nweights = { v1 = 50, v3 = 50 }\n"
+        "gates = { max_psi = 0.25, min_requests = 10 }\n"
+        "[models.cancer.drift]\nwindow = 100\nlong_window = 1000\n"
+    )
+    baseline = model_repo / "cancer" / "v2" / "manifest.json"
+    watched = {
+        "v1": f'{{ path = "{model_repo}/cancer/v1" }}',
+        "v3": f'{{ url = "{url}", baseline = "{baseline}" }}',
+    }
+    client, serving = await start(
+        write_config(model_section(mode="canary", repo=model_repo, versions=watched) + canary)
+    )
+    c = serving.rollouts.get("cancer")
+    assert c is not None
+    shifted = cancer_rows.copy()
+    shifted[:, 3] += cancer_rows[:, 3].std()  # mean_area moves by one standard deviation
+    for i in range(0, 400, 4):
+        resp = await client.post(
+            "/v2/models/cancer/infer",
+            json=infer_body(shifted[i : i + 4]),
+            headers={"x-user-id": str(i)},
+        )
+        assert resp.status == 200
+    serving.scheduler.housekeeping()
+    assert c.tick(c.step_started + 1) == "rollback"
+    assert "drift of mean_area" in c.cause
+
+    unwatched = {**watched, "v3": f'{{ url = "{url}" }}'}
+    with pytest.raises(ConfigError, match=r"canary\.gates\.max_psi: v3 has no baseline"):
+        await create_serving(
+            write_config(
+                model_section(mode="canary", repo=model_repo, versions=unwatched) + canary,
+                name="unwatched.toml",
+            )
+        )
