@@ -44,7 +44,8 @@ def mutation_guard(admin: AdminConfig, handler: Handler) -> Handler:
         if token:
             given = request.headers.get("Authorization", "")
             expected = f"Bearer {token}"
-            if not hmac.compare_digest(given.encode(), expected.encode()):
+            # surrogateescape: a header that is not UTF-8 is compared as the bytes it was
+            if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected.encode()):
                 log.warning(
                     "refused %s %s from %s: %s",
                     request.method,

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import PayloadEncodingError
 
 from proxy import __version__
 from proxy.config.schema import VersionKey
@@ -54,7 +55,24 @@ def error_response(exc: ProxyError) -> web.Response:
 
 
 async def read_body(request: web.BaseRequest, limit: int) -> bytes:
-    """The whole body, or PayloadTooLargeError as soon as it passes `limit` bytes."""
+    """The whole body, or PayloadTooLargeError as soon as it passes `limit` bytes; a body that
+    does not decode in its Content-Encoding is the client's error (400), not ours."""
+    try:
+        return await _read_body(request, limit)
+    except (PayloadEncodingError, web.RequestPayloadError):  # the parser's, or as the body sees it
+        # The stream cannot be read past this point: the connection closes after the 400, and
+        # the body counts as read, so aiohttp does not drain it (and log the error again).
+        request.protocol.close()
+        request.content.feed_eof()
+        encoding = request.headers.get("Content-Encoding")
+        if encoding:
+            reason = f"is not valid data in its Content-Encoding ({encoding!r})"
+        else:
+            reason = "is malformed (its length or chunked framing does not hold)"
+        raise InvalidInputError(f"the request body {reason}"[:200]) from None
+
+
+async def _read_body(request: web.BaseRequest, limit: int) -> bytes:
     length = request.content_length
     if length is not None:
         if length > limit:

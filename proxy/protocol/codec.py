@@ -68,7 +68,9 @@ def new_request_id() -> str:
 def generated_seq(request_id: str) -> int | None:
     """The counter of an id that new_request_id (of this process) made, else None."""
     prefix, sep, rest = request_id.partition("-")
-    if sep and prefix == _ID_PREFIX and rest.isdigit():
+    # ASCII digits only, and no more than a counter can have: str.isdigit() also takes '²', '①'
+    # and other scripts' digits, and int() refuses strings past 4,300 digits.
+    if sep and prefix == _ID_PREFIX and rest.isascii() and rest.isdigit() and len(rest) <= 19:
         return int(rest)
     return None
 

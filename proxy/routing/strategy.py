@@ -20,8 +20,13 @@ class Route:
 
 
 def stable_unit(*parts: str) -> float:
-    """A uniform number in (0, 1) from strings: the same on every run, process and machine."""
-    digest = hashlib.blake2b("\x1f".join(parts).encode(), digest_size=8).digest()
+    """A uniform number in (0, 1) from strings: the same on every run, process and machine.
+
+    A header that is not UTF-8 arrives with its bad bytes as surrogates (aiohttp decodes with
+    surrogateescape): encoding the same way gives back the client's bytes, so it hashes like any
+    other key instead of failing."""
+    key = "\x1f".join(parts).encode("utf-8", "surrogateescape")
+    digest = hashlib.blake2b(key, digest_size=8).digest()
     return (int.from_bytes(digest, "big") + 0.5) / _TWO_64
 
 
