@@ -31,7 +31,6 @@ from proxy.models.backends import Backend
 from proxy.monitoring.watch import Watch
 from proxy.protocol.codec import (
     BINARY_HEADER,
-    InferRequest,
     encode_infer_response,
     parse_infer_request,
     parse_json_object,
@@ -245,7 +244,22 @@ class DataPlane:
         except NonFiniteInputError:
             self._counters.nonfinite(name)
             raise
-        answered, outputs, started = await self._run(mp, route.primary, req, pinned=version)
+        # Each version records its own part: a failed one its failure and its time to fail, the
+        # answering one the request it answered (with its latency, after encoding, below).
+        rows = req.x.shape[0]
+        stats = mp.stats[route.primary]
+        stats.started(rows)
+        started = perf_counter()  # uvloop's loop.time() ticks in whole milliseconds
+        answered = route.primary
+        try:
+            outputs = await backend.infer(req.x)
+        except Exception as exc:
+            stats.failed(perf_counter() - started)
+            fallback = self._fallback(mp, route.primary, exc, pinned=version)
+            if fallback is None:
+                raise
+            answered = fallback
+            outputs, started = await _answer(mp.stats[answered], mp.backends[answered], req.x, rows)
         payload, hlen = encode_infer_response(
             request_id=req.id,
             model=name,
@@ -266,37 +280,24 @@ class DataPlane:
         headers[BINARY_HEADER] = str(hlen)
         return web.Response(body=payload, content_type="application/octet-stream", headers=headers)
 
-    async def _run(
-        self, mp: ModelPlan, primary: str, req: InferRequest, *, pinned: str | None
-    ) -> tuple[str, dict[str, Any], float]:
-        """Run the request on `primary`; if that fails, the stable version answers instead
-        (unless the request was pinned, or shed). Returns (who answered, outputs, when the
-        answering version started). Each version records its own part: the failed one its
-        failure and its time to fail, the answering one the request it answered."""
-        rows = req.x.shape[0]
-        stats = mp.stats[primary]
-        stats.started(rows)
-        start = perf_counter()  # uvloop's loop.time() ticks in whole milliseconds
-        try:
-            return primary, await mp.backends[primary].infer(req.x), start
-        except Exception as exc:
-            stats.failed(perf_counter() - start)
-            stable = mp.config.stable
-            if (
-                pinned is not None
-                or primary == stable
-                or stable not in mp.backends
-                # shedding load is no reason to add it elsewhere
-                or isinstance(exc, OverloadedError)
-            ):
-                raise
-            # A canary (or green, or shadow primary) failed: the proven version answers instead.
-            log.warning(
-                "%s/%s failed a request (%s); %s answers instead", mp.name, primary, exc, stable
-            )
-            self._counters.fallback(VersionKey(mp.name, primary))
-        outputs, start = await _answer(mp.stats[stable], mp.backends[stable], req.x, rows)
-        return stable, outputs, start
+    def _fallback(
+        self, mp: ModelPlan, failed: str, exc: Exception, *, pinned: str | None
+    ) -> str | None:
+        """The version that answers when `failed` could not: stable, unless the request was
+        pinned, stable itself failed, or the failure was shedding (no reason to add load
+        elsewhere). None: the failure is the answer."""
+        stable = mp.config.stable
+        if (
+            pinned is not None
+            or failed == stable
+            or stable not in mp.backends
+            or isinstance(exc, OverloadedError)
+        ):
+            return None
+        # A canary (or green, or shadow primary) failed: the proven version answers instead.
+        log.warning("%s/%s failed a request (%s); %s answers instead", mp.name, failed, exc, stable)
+        self._counters.fallback(VersionKey(mp.name, failed))
+        return stable
 
 
 async def _answer(
