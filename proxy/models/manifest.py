@@ -68,7 +68,6 @@ def parse_manifest(raw: Any, where: str) -> Manifest:
         inputs = parse_tensor_specs(raw["inputs"], "inputs")
         outputs = parse_tensor_specs(raw["outputs"], "outputs")
         features = tuple(str(f) for f in raw["inputs"][0].get("features") or ())
-        task = Task(raw.get("task", Task.CLASSIFICATION))
         name, version, sha256 = str(raw["name"]), str(raw["version"]), str(raw["model"]["sha256"])
     except (KeyError, TypeError, IndexError, AttributeError) as exc:
         raise ModelLoadError(f"{where}: missing or malformed field {exc}") from None
@@ -79,8 +78,6 @@ def parse_manifest(raw: Any, where: str) -> Manifest:
     n = inputs[0].shape[1]
     if features and len(features) != n:
         raise ModelLoadError(f"{where}: lists {len(features)} feature names for {n} input columns")
-    baseline, means, edges = _parse_baseline(raw, where)
-    metrics = raw.get("metrics")
     training = raw.get("training_data")
     return Manifest(
         name=name,
@@ -89,13 +86,8 @@ def parse_manifest(raw: Any, where: str) -> Manifest:
         inputs=inputs,
         outputs=outputs,
         features=features,
-        task=task,
-        baseline=baseline,
-        feature_means=means,
-        feature_edges=edges,
-        metrics=metrics if isinstance(metrics, dict) else {},
         training_data=training if isinstance(training, dict) else None,
-        raw=raw,
+        **_watched(raw, where),
     )
 
 
@@ -111,12 +103,6 @@ def parse_baseline_manifest(raw: Any, where: str, n_features: int) -> Manifest:
         raise ModelLoadError(
             f"{where}: its baseline has {len(feats)} features, the remote model takes {n_features}"
         )
-    baseline, means, edges = _parse_baseline(raw, where)
-    try:
-        task = Task(raw.get("task", Task.CLASSIFICATION))
-    except ValueError as exc:
-        raise ModelLoadError(f"{where}: {exc}") from None
-    metrics = raw.get("metrics")
     return Manifest(
         name=str(raw.get("name", "")),
         version=str(raw.get("version", "")),
@@ -124,14 +110,28 @@ def parse_baseline_manifest(raw: Any, where: str, n_features: int) -> Manifest:
         inputs=(),
         outputs=(),
         features=tuple(str(f.get("name", "")) for f in feats if isinstance(f, dict)),
-        task=task,
-        baseline=baseline,
-        feature_means=means,
-        feature_edges=edges,
-        metrics=metrics if isinstance(metrics, dict) else {},
         training_data=None,
-        raw=raw,
+        **_watched(raw, where),
     )
+
+
+def _watched(raw: dict[str, Any], where: str) -> dict[str, Any]:
+    """What a version is watched against, the same for local and remote manifests: task,
+    baseline (with the training means and bin edges) and holdout metrics."""
+    try:
+        task = Task(raw.get("task", Task.CLASSIFICATION))
+    except ValueError as exc:
+        raise ModelLoadError(f"{where}: {exc}") from None
+    baseline, means, edges = _parse_baseline(raw, where)
+    metrics = raw.get("metrics")
+    return {
+        "task": task,
+        "baseline": baseline,
+        "feature_means": means,
+        "feature_edges": edges,
+        "metrics": metrics if isinstance(metrics, dict) else {},
+        "raw": raw,
+    }
 
 
 def _parse_baseline(
