@@ -88,6 +88,30 @@ class PayloadTooLargeError(ProxyError):
         self.limit = limit
 
 
+class UnsupportedEncodingError(ProxyError):
+    """A Content-Encoding the proxy does not decode."""
+
+    status = 415
+
+    def __init__(self, encoding: str, supported: tuple[str, ...]) -> None:
+        super().__init__(
+            f"Content-Encoding {encoding[:40]!r} is not supported"
+            f" (supported: {', '.join(supported)})"
+        )
+        self.encoding = encoding
+
+
+class RequestTimeoutError(ProxyError):
+    """The request's body did not all arrive in time."""
+
+    status = 408
+
+    def __init__(self, limit_s: float) -> None:
+        super().__init__(
+            f"the request body did not arrive within {limit_s:g} s (limits.body_timeout_s)"
+        )
+
+
 class OverloadedError(ProxyError):
     """The proxy sheds this request to protect the ones it is serving; retry later."""
 

@@ -12,6 +12,7 @@ from aiohttp import web
 from proxy.config.schema import Config
 from proxy.http.admin import create_admin_app
 from proxy.http.data import create_data_server
+from proxy.http.transport import DataServer
 from proxy.runtime.serving import Serving, create_serving
 
 log = logging.getLogger("mlproxy")
@@ -36,8 +37,9 @@ async def serve(
     loop = asyncio.get_running_loop()
     serving = await create_serving(config)
     reloads = _handle_signals(loop, serving, stop)
+    data_server = create_data_server(serving)
     data_runner = web.ServerRunner(
-        create_data_server(serving), handle_signals=False, shutdown_timeout=drain_timeout_s
+        data_server, handle_signals=False, shutdown_timeout=drain_timeout_s
     )
     admin_runner = web.AppRunner(create_admin_app(serving), handle_signals=False, access_log=None)
     background = loop.create_task(serving.scheduler.run())
@@ -52,7 +54,7 @@ async def serve(
             ready.set()  # both planes listen
         _log_listening(config)
         await stop.wait()
-        await _drain(serving, data_site, drain_timeout_s, draining)
+        await _drain(serving, data_server, data_site, drain_timeout_s, draining)
     finally:
         background.cancel()
         for task in (background, *reloads):
@@ -99,18 +101,30 @@ def _log_listening(config: Config) -> None:
 
 
 async def _drain(
-    serving: Serving, site: web.TCPSite, timeout_s: float, draining: asyncio.Event | None
+    serving: Serving,
+    server: DataServer,
+    site: web.TCPSite,
+    timeout_s: float,
+    draining: asyncio.Event | None,
 ) -> None:
-    """Stop accepting connections, then wait (at most `timeout_s`) for requests in flight."""
+    """Stop accepting connections; answer every request already received, each with
+    Connection: close; close idle keep-alive connections after a short grace (a request already
+    on the wire is answered, not cut); wait (at most `timeout_s` in all) for both."""
     log.info(
         "stopping: no new connections; draining %d request(s) in flight (up to %.0f s)",
         serving.current.inflight,
         timeout_s,
     )
     await site.stop()  # closes the listening socket; open connections carry on
+    server.start_drain()
     if draining is not None:
         draining.set()
+    deadline = asyncio.get_running_loop().time() + timeout_s
     drained = await serving.current.drained(timeout_s)
+    remaining = max(deadline - asyncio.get_running_loop().time(), 0.0)
+    closed = await server.connections_closed(remaining)
+    if not closed:
+        log.warning("drain: %d connection(s) still open are closed", server.open_connections)
     if not drained:
         log.warning(
             "drain timeout: %d request(s) still in flight are cut off", serving.current.inflight

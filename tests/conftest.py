@@ -20,7 +20,7 @@ from proxy.runtime.serving import Serving, close_serving, create_serving
 
 # infer_body: test_fallback.py and test_readers.py still import it from here; drop it once they
 # import from .helpers
-from .helpers import BASE_CONFIG, model_section
+from .helpers import BASE_CONFIG, DataTestServer, model_section
 
 
 @pytest.fixture(scope="session")
@@ -64,14 +64,15 @@ def write_config(tmp_path: Path) -> Callable[..., Config]:
 
 
 @pytest.fixture
-async def start(aiohttp_raw_server: Any, aiohttp_client: Any) -> AsyncIterator[Callable[..., Any]]:
-    """start(config) -> (client, serving): a real data-plane server on 127.0.0.1."""
+async def start(aiohttp_client: Any) -> AsyncIterator[Callable[..., Any]]:
+    """start(config) -> (client, serving): a real data-plane server on 127.0.0.1, with the
+    data plane's own connection protocol."""
     created: list[Serving] = []
 
     async def _start(config: Config, *, seed: int = 0) -> tuple[TestClient, Serving]:
         serving = await create_serving(config, rng=random.Random(seed))
         created.append(serving)
-        server = await aiohttp_raw_server(create_data_server(serving).request_handler)
+        server = DataTestServer(create_data_server(serving))
         client = await aiohttp_client(server)
         return client, serving
 

@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import BaseTestServer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -244,3 +246,15 @@ def serve_process(path: Path, port: int) -> Iterator[Served]:
             line = served.lines.get()
             if line is not None:
                 served.seen.append(line)
+
+
+class DataTestServer(BaseTestServer):
+    """aiohttp's test server around our own DataServer (its protocol: admission, timeouts,
+    drain), where aiohttp's RawTestServer would build a plain web.Server around the handler."""
+
+    def __init__(self, server: web.Server, **kwargs: Any) -> None:
+        self._data_server = server
+        super().__init__(host="127.0.0.1", **kwargs)
+
+    async def _make_runner(self, **kwargs: Any) -> web.ServerRunner:
+        return web.ServerRunner(self._data_server, **kwargs)

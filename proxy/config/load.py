@@ -64,7 +64,7 @@ def inactive_settings(config: Config) -> list[str]:
     line each, for `mlproxy check` and `mlproxy serve` to warn with.
 
     The keys are contract (later steps build them), so they load; but a value that asks for the
-    feature must not pass in silence. `workers = 1` and `adaptive = false` are what runs anyway.
+    feature must not pass in silence. `workers = 1` is what runs anyway.
     """
     where = config.source
     found = []
@@ -74,11 +74,6 @@ def inactive_settings(config: Config) -> list[str]:
         found.append(
             f"{where}:server.workers: {asked} is accepted and not active yet;"
             " this release serves with one process"
-        )
-    if config.limits.adaptive:
-        found.append(
-            f"{where}:limits.adaptive: true is accepted and not active yet; the in-flight limit"
-            f" stays at limits.max_inflight ({config.limits.max_inflight})"
         )
     return found
 
@@ -133,6 +128,12 @@ def _parse_limits(r: TableReader) -> LimitsConfig:
         max_inflight=positive_key(r, "max_inflight", "an integer", d.max_inflight),
         queue_timeout_ms=positive_key(r, "queue_timeout_ms", "a number", d.queue_timeout_ms),
         adaptive=r.get("adaptive", "a boolean", d.adaptive),
+        header_timeout_s=positive_key(r, "header_timeout_s", "a number", d.header_timeout_s),
+        body_timeout_s=positive_key(r, "body_timeout_s", "a number", d.body_timeout_s),
+        keepalive_timeout_s=positive_key(
+            r, "keepalive_timeout_s", "a number", d.keepalive_timeout_s
+        ),
+        max_connections=positive_key(r, "max_connections", "an integer", d.max_connections),
     )
     r.done()
     return limits

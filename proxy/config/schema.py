@@ -247,15 +247,29 @@ class AdminConfig:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class LimitsConfig:
-    """[limits]: load shedding."""
+    """[limits]: admission (load shedding), timeouts and connection limits, per process."""
 
-    # Requests served at once; beyond it, 503 with Retry-After: 1, at once. Must be > 0.
+    # Requests admitted at once (the adaptive limit's ceiling); past it a request waits, before
+    # its body is decoded, for a slot, and is shed with 503 + Retry-After once it waited
+    # queue_timeout_ms. Must be > 0.
     max_inflight: int = 512
-    # A request that waited this long (ms) for a model run is shed with 503. Must be > 0.
+    # A request that waited this long (ms) since it arrived (parsed off its connection) for an
+    # admission slot, or for a model run, is shed with 503. Must be > 0.
     queue_timeout_ms: float = 100.0
-    # Adapt the in-flight limit to keep latency near its floor: accepted, not active yet (the
-    # limit stays at max_inflight).
+    # Adapt the admission limit to keep admitted latency near its floor (a gradient on
+    # measured latency, between 8 and max_inflight); false: the limit is max_inflight.
     adaptive: bool = True
+    # A connection that started a request's headers and did not finish them in this long (s) is
+    # answered 408 and closed. Must be > 0.
+    header_timeout_s: float = 10.0
+    # A request whose body did not all arrive in this long (s) after its headers is answered
+    # 408, its admission slot freed, and its connection closed. Must be > 0.
+    body_timeout_s: float = 10.0
+    # An idle keep-alive connection is closed after this long (s). Must be > 0.
+    keepalive_timeout_s: float = 75.0
+    # Open client connections at most; a connection past it is answered 503 and closed at
+    # once. Must be > 0.
+    max_connections: int = 10000
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

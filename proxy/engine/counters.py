@@ -18,6 +18,16 @@ class FeedbackOutcome(StrEnum):
     UNKNOWN_ID = "unknown_id"  # no stored prediction has that id
 
 
+class Refusal(StrEnum):
+    """Why the data plane closed a connection without serving its request (label values)."""
+
+    HEADER_TIMEOUT = "header_timeout"  # headers started, not finished in limits.header_timeout_s
+    BODY_TIMEOUT = "body_timeout"  # a body stalled past limits.body_timeout_s: 408
+    TOO_MANY_CONNECTIONS = "too_many_connections"  # past limits.max_connections: 503
+    MALFORMED_HTTP = "malformed_http"  # bytes that do not parse as HTTP/1.1: 400
+    CLIENT_DISCONNECTED = "client_disconnected"  # the client left before its answer
+
+
 class ReloadOutcome(StrEnum):
     OK = "ok"
     ERROR = "error"
@@ -33,6 +43,7 @@ class Counters:
         self._reloads = dict.fromkeys(ReloadOutcome, 0)
         self._nonfinite: dict[str, int] = {}
         self._feedback: dict[tuple[str, FeedbackOutcome], int] = {}
+        self._refused = dict.fromkeys(Refusal, 0)
 
     # ---------------------------------------------------------------- writers
 
@@ -62,7 +73,14 @@ class Counters:
         key = (model, outcome)
         self._feedback[key] = self._feedback.get(key, 0) + 1
 
+    def refused(self, why: Refusal) -> None:
+        """A connection was answered and closed (or left) without its request served."""
+        self._refused[why] += 1
+
     # ---------------------------------------------------------------- readers
+
+    def refused_counts(self) -> dict[Refusal, int]:
+        return dict(self._refused)
 
     @property
     def shed_total(self) -> int:

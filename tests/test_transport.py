@@ -1,0 +1,286 @@
+"""The data plane's connections over real sockets: header, body and keep-alive timeouts, the
+connection limit, decoded-body limits and encodings, admission (a request waits before its body
+is decoded, and is shed with a canned 503 at its deadline; health is never held), and logs that
+keep no client bytes."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import logging
+import zlib
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from proxy.config.load import load_config
+from proxy.engine.counters import Refusal
+
+from .helpers import BASE_CONFIG, infer_body, model_section
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def limits_config(tmp_path: Path, models: str, **limits: Any) -> Any:
+    """The tests' base config with `limits` set in its [limits] table."""
+    values = {"max_inflight": 512, "queue_timeout_ms": 1000, **limits}
+    table = "".join(
+        f"{k} = {str(v).lower() if isinstance(v, bool) else v}\n" for k, v in values.items()
+    )
+    base = BASE_CONFIG.format(max_body=200_000, max_inflight=512)
+    head, _, rest = base.partition("[limits]\n")
+    rest = rest[rest.index("[batching]") :]
+    path = tmp_path / "config.toml"
+    path.write_text(head + "[limits]\n" + table + "\n" + rest + models)
+    return load_config(path)
+
+
+async def exchange(port: int, data: bytes, *, timeout: float = 10.0) -> bytes:
+    """Write `data` on a new connection; everything the server sends until it closes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(), timeout)
+    finally:
+        writer.close()
+
+
+def status_of(reply: bytes) -> int:
+    return int(reply.split(b"\r\n", 1)[0].split()[1])
+
+
+def post(path: str, body: bytes, *headers: str, close: bool = True) -> bytes:
+    lines = [
+        f"POST {path} HTTP/1.1",
+        "Host: x",
+        "Content-Type: application/json",
+        f"Content-Length: {len(body)}",
+        *headers,
+    ]
+    if close:
+        lines.append("Connection: close")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+GET_LIVE = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+
+
+async def test_stalled_headers_and_bodies_are_408_and_hold_no_slot(
+    start: Any, tmp_path: Path, model_repo: Path, cancer_rows: Any
+) -> None:
+    config = limits_config(
+        tmp_path,
+        model_section(repo=model_repo),
+        max_inflight=8,
+        adaptive=False,
+        header_timeout_s=0.5,
+        body_timeout_s=0.5,
+    )
+    client, serving = await start(config)
+    port = client.port
+    good = orjson.dumps(infer_body(cancer_rows[:1]))
+    # 32 clients (4x the slots) send headers and 10 bytes of a 1,000-byte body, then stall
+    stalled = []
+    for _ in range(32):
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        w.write(post("/v2/models/cancer/infer", b"x" * 1000, close=False)[:-990])
+        stalled.append((r, w))
+    # meanwhile a probe and a good request are answered: a stalled body holds no slot
+    assert status_of(await exchange(port, GET_LIVE)) == 200
+    assert status_of(await exchange(port, post("/v2/models/cancer/infer", good))) == 200
+    # a client that stops in the middle of its headers
+    slow_head = await asyncio.open_connection("127.0.0.1", port)
+    slow_head[1].write(b"POST /v2/models/cancer/infer HTTP/1.1\r\nHost: x\r\nContent-Le")
+    for r, w in [*stalled, slow_head]:
+        reply = await asyncio.wait_for(r.read(), 10)
+        w.close()
+        assert status_of(reply) == 408, reply
+        assert b"Connection: close" in reply
+        assert b"limits." in reply  # it names the setting
+    refused = serving.counters.refused_counts()
+    assert refused[Refusal.BODY_TIMEOUT] == 32 and refused[Refusal.HEADER_TIMEOUT] == 1
+    assert status_of(await exchange(port, post("/v2/models/cancer/infer", good))) == 200
+
+
+async def test_a_large_stalled_body_is_408_from_the_reader(
+    start: Any, tmp_path: Path, model_repo: Path
+) -> None:
+    """A body too big to hold back (over 64 KiB) is admitted at its headers; when it stalls,
+    the handler's read raises and the answer is a 408 from the handler."""
+    config = limits_config(tmp_path, model_section(repo=model_repo), body_timeout_s=0.3)
+    client, _ = await start(config)
+    head = post("/v2/models/cancer/infer", b"x" * 150_000)[:-149_000]
+    reply = await exchange(client.port, head)
+    assert status_of(reply) == 408 and b"body_timeout_s" in reply
+
+
+async def test_idle_keepalive_is_closed_and_connections_are_limited(
+    start: Any, tmp_path: Path, model_repo: Path
+) -> None:
+    config = limits_config(
+        tmp_path, model_section(repo=model_repo), keepalive_timeout_s=0.3, max_connections=4
+    )
+    client, serving = await start(config)
+    port = client.port
+    # an idle connection is closed by the server after keepalive_timeout_s
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    w.write(GET_LIVE.replace(b"Connection: close\r\n", b""))
+    first = await asyncio.wait_for(r.readuntil(b'{"live":true}'), 5)
+    assert status_of(first) == 200
+    assert await asyncio.wait_for(r.read(), 5) == b""  # EOF: closed while idle
+    w.close()
+    # four connections are served; the fifth is told so and closed
+    held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(4)]
+    for hr, hw in held:
+        hw.write(b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert status_of(await asyncio.wait_for(hr.readuntil(b"}"), 5)) == 200
+    reply = await exchange(port, GET_LIVE)
+    assert status_of(reply) == 503 and b"max_connections" in reply and b"Retry-After: 1" in reply
+    for _, hw in held:
+        hw.close()
+    assert serving.counters.refused_counts()[Refusal.TOO_MANY_CONNECTIONS] == 1
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+async def test_decoded_size_is_limited_and_encodings_are_checked(
+    start: Any, tmp_path: Path, model_repo: Path, cancer_rows: Any, chunked: bool
+) -> None:
+    client, _ = await start(limits_config(tmp_path, model_section(repo=model_repo)))
+    port = client.port
+    good = orjson.dumps(infer_body(cancer_rows[:2]))
+    # a real gzip body and a zlib-wrapped and a raw deflate body are decoded and served
+    for enc, data in [
+        ("gzip", gzip.compress(good)),
+        ("deflate", zlib.compress(good)),
+        ("deflate", zlib.compress(good)[2:-4]),
+    ]:
+        reply = await exchange(
+            port, post("/v2/models/cancer/infer", data, f"Content-Encoding: {enc}")
+        )
+        assert status_of(reply) == 200, (enc, reply)
+    # a bomb: 20 KB of gzip that decodes to 20 MB (100x max_body_bytes) stops at the limit
+    bomb = gzip.compress(b" " * 20_000_000)
+    assert len(bomb) < 200_000
+    if chunked:
+        body = (
+            b"".join(
+                b"%x\r\n%s\r\n" % (len(bomb[i : i + 4096]), bomb[i : i + 4096])
+                for i in range(0, len(bomb), 4096)
+            )
+            + b"0\r\n\r\n"
+        )
+        head = (
+            "POST /v2/models/cancer/infer HTTP/1.1\r\nHost: x\r\nContent-Encoding: gzip\r\n"
+            "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        )
+        reply = await exchange(port, head.encode() + body)
+    else:
+        reply = await exchange(
+            port, post("/v2/models/cancer/infer", bomb, "Content-Encoding: gzip")
+        )
+    assert status_of(reply) == 413 and b"200000 bytes" in reply, reply
+    # an encoding the proxy does not decode is a 415 that lists those it does
+    reply = await exchange(port, post("/v2/models/cancer/infer", good, "Content-Encoding: zstd"))
+    assert status_of(reply) == 415 and b"supported: identity, gzip" in reply
+    # a truncated gzip stream is a 400
+    reply = await exchange(
+        port, post("/v2/models/cancer/infer", gzip.compress(good)[:-8], "Content-Encoding: gzip")
+    )
+    assert status_of(reply) == 400 and b"truncated" in reply
+
+
+async def test_a_request_past_the_limit_waits_then_is_shed_canned_and_health_is_never_held(
+    start: Any,
+    tmp_path: Path,
+    model_repo: Path,
+    gated_upstream: Any,
+    cancer_rows: Any,
+) -> None:
+    up, _, url = gated_upstream
+    versions = {"v3": f'{{ url = "{url}", timeout_ms = 30000 }}'}
+    config = limits_config(
+        tmp_path,
+        model_section(repo=model_repo, versions=versions, stable="v3"),
+        max_inflight=4,
+        adaptive=False,
+        queue_timeout_ms=300,
+    )
+    client, serving = await start(config)
+    port = client.port
+    good = post("/v2/models/cancer/infer", orjson.dumps(infer_body(cancer_rows[:1])))
+    up.gate.clear()
+    running = [asyncio.create_task(exchange(port, good, timeout=30)) for _ in range(4)]
+    await asyncio.wait_for(_until(lambda: up.received == 4), 10)
+    # the fifth waits (parsed, not built) and is shed at its deadline with the canned 503
+    server = client.server._data_server
+    waiting = asyncio.create_task(exchange(port, good))
+    await asyncio.wait_for(_until(lambda: server.admission.waiting == 1), 10)
+    # probes are answered at once while every slot is taken and a request waits
+    assert status_of(await exchange(port, GET_LIVE)) == 200
+    reply = await waiting
+    assert status_of(reply) == 503 and b"Retry-After: 1" in reply and b"queue_timeout_ms" in reply
+    assert up.received == 4  # the shed request never reached the model
+    up.gate.set()
+    assert [status_of(r) for r in await asyncio.gather(*running)] == [200] * 4
+    assert serving.counters.shed_total == 1
+    # a slot freed by an answer goes to the next waiter, in order, without a shed
+    up.gate.clear()
+    running = [asyncio.create_task(exchange(port, good, timeout=30)) for _ in range(4)]
+    await asyncio.wait_for(_until(lambda: up.received == 8), 10)
+    waiting = asyncio.create_task(exchange(port, good, timeout=30))
+    await asyncio.wait_for(_until(lambda: server.admission.waiting == 1), 10)
+    up.gate.set()
+    assert status_of(await waiting) == 200
+    await asyncio.gather(*running)
+
+
+async def test_malformed_http_is_a_json_400_and_the_log_keeps_no_client_bytes(
+    start: Any,
+    tmp_path: Path,
+    model_repo: Path,
+    cancer_rows: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    client, serving = await start(limits_config(tmp_path, model_section(repo=model_repo)))
+    port = client.port
+    secret = "s3cr3t-t0ken"
+    bad = [
+        f"GET /v2/health/live HTTP/1.1\r\nAuthorization: Bearer {secret}\x01\r\n\r\n".encode(),
+        f"POST /v2/x HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n{secret}".encode(),
+        b"G\x00T / HTTP/1.1\r\n\r\n" + secret.encode(),
+        b"GET /" + b"a" * 20_000 + b" HTTP/1.1\r\n\r\n",
+    ]
+    with caplog.at_level(logging.DEBUG):
+        for data in bad:
+            reply = await exchange(port, data)
+            assert status_of(reply) == 400, reply
+            error = orjson.loads(reply.partition(b"\r\n\r\n")[2])["error"]
+            assert error.startswith("malformed HTTP request: "), error
+        # a client that disconnects in the middle of its body
+        _, w = await asyncio.open_connection("127.0.0.1", port)
+        w.write(post("/v2/models/cancer/infer", b"y" * 150_000)[:-140_000])
+        await w.drain()
+        w.close()
+        await asyncio.wait_for(
+            _until(lambda: serving.counters.refused_counts()[Refusal.CLIENT_DISCONNECTED] == 1),
+            10,
+        )
+    text = "\n".join(
+        f"{r.getMessage()} {r.exc_text or ''} {r.exc_info or ''}" for r in caplog.records
+    )
+    assert secret not in text and "yyyy" not in text and "aaaa" not in text
+    assert "Traceback" not in text and not any(r.exc_info for r in caplog.records)
+    # repeated refusals are one line with a count, not one line each
+    malformed = [r for r in caplog.records if "do not parse as HTTP" in r.getMessage()]
+    assert len(malformed) == 1
+    assert serving.counters.refused_counts()[Refusal.MALFORMED_HTTP] == 4
+    good = post("/v2/models/cancer/infer", orjson.dumps(infer_body(cancer_rows[:1])))
+    assert status_of(await exchange(port, good)) == 200
+
+
+async def _until(cond: Any) -> None:
+    while not cond():
+        await asyncio.sleep(0.005)
