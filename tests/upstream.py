@@ -39,3 +39,42 @@ async def start_upstream(
     up = GatedUpstream(serving)
     server = await aiohttp_raw_server(up.handle)
     return up, server, f"http://127.0.0.1:{server.port}/v2/models/cancer"
+
+
+class DyingUpstream:
+    """Serves a real mlproxy data plane's metadata, then dies in the middle of every infer call:
+    `how = "after_request"` reads the whole request and closes the connection unanswered;
+    `how = "mid_response"` sends the status line, headers and 16 of the 1,000 body bytes it
+    announced, then closes."""
+
+    def __init__(self, serving: Serving, how: str) -> None:
+        assert how in ("after_request", "mid_response")
+        self.plane = create_data_plane(serving)
+        self.how = how
+        self.received = 0
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        if request.method != "POST":
+            return await self.plane.handle(request)
+        await request.read()
+        self.received += 1
+        transport = request.transport
+        assert transport is not None
+        if self.how == "after_request":
+            transport.close()
+            return web.Response()  # never written: the connection is gone
+        resp = web.StreamResponse(headers={"Content-Length": "1000"})
+        resp.content_type = "application/json"
+        await resp.prepare(request)
+        await resp.write(b'{"id": "1", "mod')
+        transport.close()
+        return resp
+
+
+async def start_dying_upstream(
+    aiohttp_raw_server: Any, serving: Serving, how: str
+) -> tuple[DyingUpstream, Any, str]:
+    """A DyingUpstream serving `serving`'s metadata (an upstream that dies mid-request)."""
+    up = DyingUpstream(serving, how)
+    server = await aiohttp_raw_server(up.handle)
+    return up, server, f"http://127.0.0.1:{server.port}/v2/models/cancer"
