@@ -74,6 +74,7 @@ class Reloader:
         self._lock = asyncio.Lock()
         self.config_path = Path(current.plan.config.source)
         self.last_error: str | None = None
+        self._refusal_shown = False  # last_error is a refused reload's (not, say, the state file's)
 
     async def reload(self, cause: str, *, only_if_changed: bool = False) -> dict[str, Any]:
         """Validate the config file, load what is new or changed, warm it, then swap the plan."""
@@ -82,6 +83,7 @@ class Reloader:
             try:
                 config = load_config(self.config_path)
                 if only_if_changed and config.digest == before:
+                    self._back_to_running(cause, before)
                     return {"outcome": "unchanged", "digest": before}
                 plan, loaded = await create_plan(
                     config,
@@ -95,6 +97,7 @@ class Reloader:
             self._swap(plan)
             self._counters.reload(ReloadOutcome.OK)
             self.last_error = None
+            self._refusal_shown = False
             self._audit.append(
                 "reload",
                 cause=cause,
@@ -111,9 +114,18 @@ class Reloader:
             )
             return {"outcome": "ok", "digest": config.digest, "versions_loaded": loaded}
 
+    def _back_to_running(self, cause: str, digest: str) -> None:
+        """The file holds the config in force again (a bad edit undone, a deleted file put
+        back): a refusal shown for the file that was there before no longer applies."""
+        if self.last_error is not None and self._refusal_shown:
+            self.last_error = None
+            self._refusal_shown = False
+            log.info("config file (%s) is the config in force again, %s", cause, digest[:12])
+
     def _refused(self, cause: str, before: str, exc: ConfigError) -> dict[str, Any]:
         self._counters.reload(ReloadOutcome.ERROR)
         self.last_error = str(exc)
+        self._refusal_shown = True
         log.error("reload (%s) refused; still serving %s:\n%s", cause, before[:12], exc)
         self._audit.append("reload_refused", cause=cause, digest=before, errors=exc.errors)
         return {"outcome": "error", "errors": [f"{exc.source}:{e}" for e in exc.errors]}
