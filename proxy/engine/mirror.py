@@ -11,6 +11,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from proxy.engine.breaker import Breaker
 from proxy.engine.stats import MirrorStats, compare_outputs
 
 Array = np.ndarray[Any, Any]
@@ -51,7 +52,10 @@ class MirrorLane:
     `linger_s` for more rows, so that under steady traffic the mirror costs one run (and one
     comparison) per `max_batch_rows` requests rather than one per request; its runs go to the
     low-priority background thread. After `breaker_failures` failed or
-    timed-out batches in a row the lane drops everything for `breaker_pause_s` seconds.
+    timed-out batches in a row its breaker opens: the lane drops everything for
+    `breaker_pause_s` seconds, then one batch is the trial that closes it again or reopens it.
+    `opened=True` starts the breaker open (a remote mirror that did not answer at load): the
+    first trial comes after one pause.
 
     While `busy` is set (Serving sets it while the serving loop uses nearly all of its CPU), the
     lane takes one request in BUSY_KEEP_EVERY and counts the others as `yielded`: near
@@ -71,15 +75,18 @@ class MirrorLane:
         breaker_pause_s: float,
         clock: Callable[[], float],
         linger_s: float = LINGER_S,
+        opened: bool = False,
     ) -> None:
         self.backend = backend
         self.stats = stats
         self.queue_rows = queue_rows
         self.max_batch_rows = max_batch_rows
         self.timeout_s = timeout_s
-        self.breaker_failures = breaker_failures
-        self.breaker_pause_s = breaker_pause_s
-        self._clock = clock
+        self.breaker = Breaker(
+            failures=breaker_failures, pause_s=breaker_pause_s, clock=clock, opened=opened
+        )
+        if opened:
+            stats.breaker_opened += 1
         self.linger_s = linger_s
         self._full = asyncio.Event()
         # The queue: rows [head, tail) of preallocated arrays, one for the inputs and one per
@@ -94,15 +101,13 @@ class MirrorLane:
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._consecutive_failures = 0
-        self._open_until = -1.0
         self.busy = False  # set by Serving while the serving loop has no CPU to spare
         self._busy_skip = 0
         self._task: asyncio.Task[None] | None = None
 
     @property
     def breaker_open(self) -> bool:
-        return self._clock() < self._open_until
+        return self.breaker.is_open()
 
     @property
     def queued_rows(self) -> int:
@@ -122,7 +127,7 @@ class MirrorLane:
                 self.stats.yielded += n
                 return
             self._busy_skip = 0
-        if self._open_until >= 0 and self.breaker_open:
+        if self.breaker.is_open():
             self.stats.dropped += n
             return
         queued = self._tail - self._head
@@ -208,7 +213,7 @@ class MirrorLane:
     async def _run_batch(self) -> None:
         x, primary = self._take_batch()
         n = x.shape[0]
-        if self.breaker_open:
+        if not self.breaker.allow():
             self.stats.dropped += n
             return
         start = perf_counter()
@@ -223,20 +228,21 @@ class MirrorLane:
                 out = await run
         except Exception as exc:  # a failed mirror is counted, never raised into serving
             self.stats.failed += n
-            self._consecutive_failures += 1
-            if self._consecutive_failures >= self.breaker_failures:
-                self._open_until = self._clock() + self.breaker_pause_s
+            if self.breaker.failure():
                 self.stats.breaker_opened += 1
                 self.stats.dropped += self._drop_queued()
                 log.warning(
                     "mirror %s paused for %.1f s after %d failed batches in a row (last: %r)",
                     self.backend.version,
-                    self.breaker_pause_s,
-                    self._consecutive_failures,
+                    self.breaker.pause_s,
+                    self.breaker.failures_in_a_row,
                     exc,
                 )
             return
-        self._consecutive_failures = 0
+        except BaseException:  # cancelled (the lane is closing): no verdict on the mirror
+            self.breaker.release()
+            raise
+        self.breaker.success()
         self.stats.latency.observe(perf_counter() - start)
         compare_outputs(primary, out, self.stats)
 

@@ -3,28 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
+from collections.abc import Callable
 from enum import StrEnum
-from pathlib import Path
 from typing import Any, Protocol
 
 import aiohttp
 import numpy as np
-import orjson
 
 from proxy.config.schema import BatchingConfig, LimitsConfig, VersionConfig
 from proxy.engine.batching import Batcher, BatcherState, Observer, batcher_settings
 from proxy.engine.runner import Runners
-from proxy.errors import ModelLoadError, UpstreamError, UpstreamTimeoutError
-from proxy.models.manifest import Manifest, parse_baseline_manifest
+from proxy.models.manifest import Manifest
+from proxy.models.remote import RemoteModel, UpstreamHealth
 from proxy.models.repository import OnnxModel
-from proxy.protocol.codec import (
-    TensorSpec,
-    decode_infer_response,
-    encode_infer_request,
-    parse_tensor_specs,
-)
+from proxy.protocol.codec import TensorSpec
 
 Array = np.ndarray[Any, Any]
 log = logging.getLogger("mlproxy.backends")
@@ -40,10 +33,32 @@ class Backend(Protocol):
 
     version: str
     kind: BackendKind
-    input: TensorSpec
-    outputs: tuple[TensorSpec, ...]
     identity: str  # changes when what is served changes (sha256 for files, url for remotes)
     manifest: Manifest | None  # what the version is watched against (None: not watched)
+
+    @property
+    def input(self) -> TensorSpec:
+        """The input requests are parsed as (UpstreamUnavailableError when none is known)."""
+
+    @property
+    def outputs(self) -> tuple[TensorSpec, ...]: ...
+
+    @property
+    def available(self) -> bool:
+        """False while calls are refused at once: a remote version not answering (yet), or
+        ejected by its breaker. A local version always is."""
+
+    def known_input(self) -> TensorSpec | None:
+        """The input the version itself declares; None while a remote's metadata is unknown."""
+
+    def expect(self, reference: Callable[[], TensorSpec | None]) -> None:
+        """The model's input as the plan knows it, which a remote answering later must fit."""
+
+    def health(self) -> UpstreamHealth | None:
+        """A remote version's availability, breaker and retries; None for a local version."""
+
+    def start(self) -> None:
+        """Start background work (a remote's probes); called on every plan that serves it."""
 
     def set_observer(self, observer: Observer | None) -> None:
         """Who sees every serving answer's rows and outputs (drift monitoring)."""
@@ -65,6 +80,7 @@ class LocalBackend:
     """An ONNX model version on disk, run by onnxruntime through a micro-batcher."""
 
     kind = BackendKind.ONNX
+    available = True
 
     def __init__(self, version: str, model: OnnxModel, batcher: Batcher, runners: Runners) -> None:
         self.version = version
@@ -75,6 +91,18 @@ class LocalBackend:
         self.outputs = model.outputs
         self.identity = model.manifest.sha256
         self.manifest: Manifest | None = model.manifest
+
+    def known_input(self) -> TensorSpec:
+        return self.input
+
+    def expect(self, reference: Callable[[], TensorSpec | None]) -> None:
+        return None  # checked at load, against the manifest
+
+    def health(self) -> None:
+        return None
+
+    def start(self) -> None:
+        return None
 
     def set_observer(self, observer: Observer | None) -> None:
         self.batcher.observer = observer
@@ -108,68 +136,12 @@ class LocalBackend:
         await self.batcher.close()
 
 
-class RemoteBackend:
-    """A version served by another Open Inference Protocol server at `url` (.../v2/models/<name>)."""
+class RemoteBackend(RemoteModel):
+    """A version served by another Open Inference Protocol server (see RemoteModel: probed
+    while unavailable, breaker, pool, retry budget)."""
 
     kind = BackendKind.REMOTE
-
-    def __init__(
-        self, config: VersionConfig, http: aiohttp.ClientSession, meta: dict[str, Any]
-    ) -> None:
-        assert config.url is not None
-        self.version = config.name
-        self.url = config.url
-        self.identity = config.url
-        self.manifest: Manifest | None = None
-        self.observer: Observer | None = None
-        self._http = http
-        self._timeout_s = config.timeout_ms / 1000.0
-        self._timeout = aiohttp.ClientTimeout(total=self._timeout_s)
-        self._meta = meta
-        try:
-            inputs = parse_tensor_specs(meta.get("inputs"), "inputs")
-            self.outputs = parse_tensor_specs(meta.get("outputs"), "outputs")
-        except ValueError as exc:
-            raise ModelLoadError(
-                f"{self.url}: metadata is not Open Inference Protocol: {exc}"
-            ) from None
-        if len(inputs) != 1 or len(inputs[0].shape) != 2:
-            raise ModelLoadError(
-                f"{self.url}: mlproxy forwards to models with one input of shape [-1, n]"
-            )
-        self.input = inputs[0]
-
-    @classmethod
-    async def create(cls, config: VersionConfig, http: aiohttp.ClientSession) -> RemoteBackend:
-        """Ask the server for the model's metadata; a server that does not answer is refused."""
-        assert config.url is not None
-        try:
-            async with http.get(
-                config.url,
-                timeout=aiohttp.ClientTimeout(total=max(config.timeout_ms / 1000.0, 2.0)),
-            ) as resp:
-                body = await resp.read()
-                if resp.status != 200:
-                    raise ModelLoadError(
-                        f"{config.url}: metadata call answered HTTP {resp.status}: {body[:200]!r}"
-                    )
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise ModelLoadError(f"{config.url}: metadata call failed: {exc!r}") from None
-        try:
-            meta = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            raise ModelLoadError(f"{config.url}: metadata is not JSON") from None
-        if not isinstance(meta, dict):
-            raise ModelLoadError(f"{config.url}: metadata is not a JSON object")
-        backend = cls(config, http, meta)
-        if config.baseline is not None:
-            path = config.baseline
-            manifest, digest = await asyncio.get_running_loop().run_in_executor(
-                None, _read_baseline, path, backend.input.shape[1]
-            )
-            backend.manifest = manifest
-            backend.identity = f"{config.url}#{digest}"
-        return backend
+    observer: Observer | None = None
 
     def set_observer(self, observer: Observer | None) -> None:
         self.observer = observer
@@ -181,62 +153,13 @@ class RemoteBackend:
         return None  # the remote server batches (or not) on its own
 
     async def infer(self, x: Array, *, background: bool = False) -> dict[str, Array]:
-        body = encode_infer_request(x, self.input)
-        where = f"version {self.version} at {self.url}"
-        try:
-            async with self._http.post(
-                self.url + "/infer",
-                data=body,
-                timeout=self._timeout,
-                headers={"Content-Type": "application/json"},
-            ) as resp:
-                payload = await resp.read()
-                if resp.status != 200:
-                    raise UpstreamError(
-                        f"{where} answered HTTP {resp.status}: {payload[:300].decode(errors='replace')}"
-                    )
-        except TimeoutError:
-            raise UpstreamTimeoutError(
-                f"{where} did not answer within {self._timeout_s * 1000:.0f} ms"
-            ) from None
-        except aiohttp.ClientError as exc:
-            raise UpstreamError(f"{where} failed: {exc}") from None
-        outputs = decode_infer_response(payload, where)
-        for name, arr in outputs.items():
-            if arr.shape[:1] != x.shape[:1]:
-                raise UpstreamError(
-                    f"{where} answered {arr.shape[0]} rows of {name!r} for {x.shape[0]} rows"
-                )
+        outputs = await self.call(x)
         if self.observer is not None and not background:
             try:
                 self.observer(x, outputs)
             except Exception:  # monitoring must never fail a request
-                log.exception("monitoring %s failed", where)
+                log.exception("monitoring version %s at %s failed", self.version, self.url)
         return outputs
-
-    def metadata(self) -> dict[str, Any]:
-        return {
-            "platform": self._meta.get("platform", "remote"),
-            "url": self.url,
-            "inputs": [self.input.to_json()],
-            "outputs": [o.to_json() for o in self.outputs],
-        }
-
-    async def close(self) -> None:
-        return None
-
-
-def _read_baseline(path: Path, features: int) -> tuple[Manifest, str]:
-    """A remote version's baseline manifest (as `mlproxy package` writes it) and its sha256."""
-    try:
-        blob = path.read_bytes()
-    except OSError as exc:
-        raise ModelLoadError(f"{path}: cannot read the baseline manifest: {exc.strerror}") from None
-    try:
-        raw = orjson.loads(blob)
-    except orjson.JSONDecodeError as exc:
-        raise ModelLoadError(f"{path}: the baseline manifest is not JSON: {exc}") from None
-    return parse_baseline_manifest(raw, str(path), features), hashlib.sha256(blob).hexdigest()
 
 
 async def create_backend(
@@ -247,10 +170,12 @@ async def create_backend(
     batching: BatchingConfig,
     limits: LimitsConfig,
     model_name: str,
+    clock: Callable[[], float],
 ) -> Backend:
-    """Load (and warm) one version; ModelLoadError says which file or server is wrong and why."""
+    """Load (and warm) one version; ModelLoadError says which file or server is wrong and why
+    (a remote server that does not answer is no error: the version is loaded unavailable)."""
     if config.url is not None:
-        return await RemoteBackend.create(config, http)
+        return await RemoteBackend.create(config, http, clock)
     assert config.path is not None
     loop = asyncio.get_running_loop()
     # Loading parses and warms the model: seconds for big ones, so keep it off the event loop.

@@ -14,10 +14,15 @@ from proxy.engine.counters import Counters
 from proxy.engine.mirror import MIRROR_BATCH_ROWS, MirrorLane
 from proxy.engine.runner import Runners
 from proxy.engine.stats import VersionStats
+from proxy.engine.throttle import LogThrottle
 from proxy.errors import ConfigError, ModelLoadError
 from proxy.models.backends import Backend, create_backend
 from proxy.models.repository import MODEL_FILE, sha256_file
+from proxy.protocol.codec import TensorSpec
 from proxy.routing.strategy import Strategy, create_strategy
+
+# A failing version's fallbacks are logged at most once per this many seconds (with the count).
+FALLBACK_LOG_INTERVAL_S = 10.0
 
 
 @dataclass(slots=True)
@@ -28,11 +33,26 @@ class ModelPlan:
     strategy: Strategy
     backends: dict[str, Backend]
     stats: dict[str, VersionStats]
+    fallback_log: LogThrottle  # kept across reloads: one message per interval per version
     lanes: dict[str, MirrorLane] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
         return self.config.name
+
+    def ready(self) -> bool:
+        """Can every request routed to the model be answered? A version with a share of the
+        traffic that is not available is covered by stable (its fallback), unless it is stable
+        itself: only a model whose sole server is unavailable is not ready."""
+        stable = self.config.stable
+        stable_ok = stable in self.backends and self.backends[stable].available
+        for v, share in self.strategy.split().items():
+            if share > 0 and not self.backends[v].available and (v == stable or not stable_ok):
+                return False
+        return True
+
+    def reference_input(self) -> TensorSpec | None:
+        return _reference_input(self.config, self.backends)
 
 
 @dataclass(slots=True)
@@ -106,7 +126,7 @@ async def create_plan(
             old = old_mp.backends.get(vc.name) if old_mp else None
             old_vc = old_mp.config.versions.get(vc.name) if old_mp else None
             keys.append((model, vc.name))
-            jobs.append(_load_or_reuse(vc, old, old_vc, runners, http, config, model.name))
+            jobs.append(_load_or_reuse(vc, old, old_vc, runners, http, config, model.name, clock))
     results = await asyncio.gather(*jobs, return_exceptions=True)
     errors: list[str] = []
     loaded: dict[str, dict[str, Backend]] = {m: {} for m in config.models}
@@ -121,7 +141,7 @@ async def create_plan(
             loaded[model.name][vname] = res
             if res not in reused:
                 fresh.append(res)
-    if not errors:
+    if not errors:  # (a remote version not answering yet is checked when it does)
         for model in config.models.values():
             errors.extend(_check_inputs(model, loaded[model.name]))
             errors.extend(_check_drift_gate(model, loaded[model.name]))
@@ -132,7 +152,14 @@ async def create_plan(
         for b in group.values():
             b.configure(config.batching, config.limits)
     models = {
-        m.name: _model_plan(m, loaded[m.name], config=config, counters=counters, clock=clock)
+        m.name: _model_plan(
+            m,
+            loaded[m.name],
+            config=config,
+            counters=counters,
+            clock=clock,
+            previous=previous.models.get(m.name) if previous else None,
+        )
         for m in config.models.values()
     }
     return Plan(config=config, models=models, loaded_at=time.time()), len(fresh)
@@ -145,13 +172,19 @@ def _model_plan(
     config: Config,
     counters: Counters,
     clock: Callable[[], float],
+    previous: ModelPlan | None,
 ) -> ModelPlan:
     mp = ModelPlan(
         config=model,
         strategy=create_strategy(model),
         backends=backends,
         stats={v: counters.version(VersionKey(model.name, v)) for v in backends},
+        fallback_log=(
+            previous.fallback_log if previous else LogThrottle(FALLBACK_LOG_INTERVAL_S, clock)
+        ),
     )
+    for b in backends.values():  # a remote answering later must take what the others take
+        b.expect(mp.reference_input)
     # A gated canary's agreement mirror has no [shadow] table: it takes the table's defaults.
     s = model.shadow or ShadowConfig(primary=model.stable, mirrors=())
     for m in _mirror_targets(model):
@@ -164,6 +197,7 @@ def _model_plan(
             breaker_failures=s.breaker_failures,
             breaker_pause_s=s.breaker_pause_s,
             clock=clock,
+            opened=not backends[m].available,  # tried after one pause, while it is probed
         )
     return mp
 
@@ -190,6 +224,7 @@ async def _load_or_reuse(
     http: aiohttp.ClientSession,
     config: Config,
     model_name: str,
+    clock: Callable[[], float],
 ) -> Backend:
     same = await _reusable(vc, old, old_vc)
     if same is not None:
@@ -201,6 +236,7 @@ async def _load_or_reuse(
         batching=config.batching,
         limits=config.limits,
         model_name=model_name,
+        clock=clock,
     )
 
 
@@ -221,15 +257,37 @@ def _check_drift_gate(model: ModelConfig, backends: dict[str, Backend]) -> list[
     return []
 
 
+def _reference(model: ModelConfig, backends: dict[str, Backend]) -> tuple[str, TensorSpec] | None:
+    """The version whose input all must take: stable, or (stable a remote not answering yet) the
+    first other version whose input is known; None while no version's is."""
+    for v in (model.stable, *backends):
+        b = backends.get(v)
+        spec = None if b is None else b.known_input()
+        if spec is not None:
+            return v, spec
+    return None
+
+
+def _reference_input(model: ModelConfig, backends: dict[str, Backend]) -> TensorSpec | None:
+    ref = _reference(model, backends)
+    return None if ref is None else ref[1]
+
+
 def _check_inputs(model: ModelConfig, backends: dict[str, Backend]) -> list[str]:
     """All versions of a model must take the same input, or routing between them is unsafe."""
-    ref = backends[model.stable].input
+    ref = _reference(model, backends)
+    if ref is None:
+        return []
+    whose, want = ref
+    if whose == model.stable:
+        whose = f"the stable version {whose}"
     errors = []
     for v, b in backends.items():
-        if b.input.shape[1] != ref.shape[1] or b.input.name != ref.name:
+        spec = b.known_input()
+        if spec is not None and (spec.shape[1] != want.shape[1] or spec.name != want.name):
             errors.append(
-                f"models.{model.name}.versions.{v}: takes input {b.input.to_json()},"
-                f" but the stable version {model.stable} takes {ref.to_json()};"
+                f"models.{model.name}.versions.{v}: takes input {spec.to_json()},"
+                f" but {whose} takes {want.to_json()};"
                 " all versions of a model must take the same input"
             )
     return errors
@@ -237,6 +295,8 @@ def _check_inputs(model: ModelConfig, backends: dict[str, Backend]) -> list[str]
 
 def start_plan(plan: Plan) -> None:
     for mp in plan.models.values():
+        for b in mp.backends.values():  # idempotent: a version kept across a reload goes on
+            b.start()
         for lane in mp.lanes.values():
             lane.start()
 
