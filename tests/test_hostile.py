@@ -13,7 +13,6 @@ import orjson
 import pytest
 
 from proxy.http.admin import create_admin_app
-from proxy.protocol.codec import new_request_id
 
 from .helpers import infer_body, model_section
 
@@ -95,11 +94,9 @@ async def test_a_body_that_is_not_in_its_content_encoding_is_a_400(
 
 @pytest.mark.parametrize("tail", ["\u00b2", "\u2460", "7" * 4400, "\uff11"])
 async def test_a_feedback_id_that_only_looks_generated_is_unknown(canary: Any, tail: str) -> None:
-    client, _ = canary
-    prefix = new_request_id().partition("-")[0]
-    resp = await client.post(
-        "/v2/models/cancer/feedback", json={"id": f"{prefix}-{tail}", "label": 1}
-    )
+    client, serving = canary
+    tag = serving.ids.new()[0].partition("-")[2]  # a real tag, after digits that are not ASCII
+    resp = await client.post("/v2/models/cancer/feedback", json={"id": f"{tail}-{tag}", "label": 1})
     assert resp.status == 404, await resp.text()
     assert "no stored prediction" in (await resp.json())["error"]
 

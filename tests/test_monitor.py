@@ -487,8 +487,9 @@ def test_latency_percentiles_from_buckets_within_3_percent() -> None:
 
 def test_prediction_store_keeps_the_last_predictions() -> None:
     from proxy.monitoring.feedback import PredictionStore
+    from proxy.protocol.ids import RequestIds
 
-    store = PredictionStore(3)
+    store = PredictionStore(3, RequestIds())
     for i in range(5):
         store.put(f"r{i}", "v1", np.array([i]))
     assert store.evicted == 2 and len(store) == 3
@@ -510,14 +511,13 @@ def test_prediction_store_keeps_the_last_predictions() -> None:
 def test_prediction_store_keeps_made_up_ids_by_counter() -> None:
     """Answers to requests without an id are kept by the id's counter, with no dict entry."""
     from proxy.monitoring.feedback import PredictionStore
-    from proxy.protocol.codec import generated_seq, new_request_id
+    from proxy.protocol.ids import RequestIds
 
-    store = PredictionStore(3)
-    ids = [new_request_id() for _ in range(5)]
-    seqs = [generated_seq(i) for i in ids]
-    assert all(s is not None for s in seqs) and generated_seq("client-7") is None
+    made = RequestIds()
+    store = PredictionStore(3, made)
+    ids, seqs = zip(*(made.new() for _ in range(5)), strict=True)
+    assert [made.seq_of(i) for i in ids] == list(seqs) and made.seq_of("client-7") is None
     for i, (rid, seq) in enumerate(zip(ids, seqs, strict=True)):
-        assert seq is not None
         store.put(rid, "v1", np.array([i % 2]), seq)
     assert store.evicted == 2 and len(store) == 3
     assert store.pop(ids[0]) is None and store.pop(ids[1]) is None  # overwritten by 3 and 4

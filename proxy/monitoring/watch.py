@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -20,6 +20,8 @@ from proxy.monitoring.feedback import AccuracyTracker, PredictionStore
 from proxy.monitoring.history import HISTORY_EVERY_S, History
 from proxy.monitoring.overload import OverloadWatch
 from proxy.monitoring.tracker import DriftEvent, VersionMonitor
+from proxy.protocol.feedback import Classes, Truths, Values
+from proxy.protocol.ids import RequestIds
 
 Array = np.ndarray[Any, Any]
 DUPLICATE_ALERT = 0.2  # one identical row taking this share of recent rows: a stuck client
@@ -104,11 +106,13 @@ class Watch:
     Judging happens on the record path (`observe`, `join`) and in `housekeeping`, never when
     something is read: a scrape or a status page cannot fire an alert."""
 
-    def __init__(self, alerts: Alerts, counters: Counters) -> None:
+    def __init__(self, alerts: Alerts, counters: Counters, *, ids: RequestIds) -> None:
         self.alerts = alerts
         self._counters = counters
+        self._ids = ids  # made the ids of requests that came without one
         self.versions: dict[VersionKey, VersionWatch] = {}
         self.predictions: dict[str, PredictionStore] = {}
+        self._truths: dict[str, Truths] = {}
         self._overload = OverloadWatch(alerts)
         self._next_history = 0.0
         self.alerts_config = AlertsConfig()
@@ -122,7 +126,8 @@ class Watch:
             d = mp.config.drift
             store = self.predictions.get(name)
             if store is None or store.capacity != d.predictions:
-                self.predictions[name] = PredictionStore(d.predictions)
+                self.predictions[name] = PredictionStore(d.predictions, self._ids)
+            self._truths[name] = _truths(name, mp.backends.values())
             for version, backend in mp.backends.items():
                 key = VersionKey(name, version)
                 vw = self.versions.get(key)
@@ -175,6 +180,10 @@ class Watch:
 
     # ---------------------------------------------------------------- concept drift
 
+    def truths(self, model: str) -> Truths:
+        """What feedback for `model` may say (protocol.feedback.parse_feedback checks it)."""
+        return self._truths.get(model) or Classes(model)
+
     def remember(
         self, model: str, request_id: str, version: str, outputs: dict[str, Array], seq: int = -1
     ) -> None:
@@ -195,9 +204,11 @@ class Watch:
             self._counters.feedback(model, FeedbackOutcome.UNKNOWN_ID)
             raise PredictionNotFoundError(model, request_id, 0 if store is None else store.capacity)
         if truth.shape != pred.labels.shape:  # left stored: the client can fix its call
+            n, rows = truth.size, pred.labels.size
             raise InvalidFeedbackError(
-                f"label has shape {list(truth.shape)} but request {request_id!r} predicted"
-                f" {list(pred.labels.shape)} rows; send one label per input row"
+                f"{n} label{'s' if n != 1 else ''} for request {request_id!r}, which had {rows}"
+                f" row{'s' if rows != 1 else ''}: send one label per input row (for a regression"
+                " model, one value); the prediction stays stored"
             )
         vw = self.versions.get(VersionKey(model, pred.version))
         if vw is None:
@@ -303,6 +314,23 @@ class Watch:
             )
         elif dup < DUPLICATE_CLEAR:
             self.alerts.resolve(key, f"duplicate rows down to {dup:.0%}", value=round(dup, 6))
+
+
+def _truths(model: str, versions: Iterable[WatchedVersion]) -> Truths:
+    """Finite numbers when every version is a regressor (or when the versions mix tasks: `join`
+    still refuses fractions for a classifier's prediction); else classes: all that the versions'
+    baselines list, or any integer class when one version's are not known (no manifest, or no
+    baseline in it)."""
+    manifests = [v.manifest for v in versions]
+    if any(m is not None and m.regression for m in manifests):
+        return Values(model)
+    classes: set[int] = set()
+    for m in manifests:
+        known = None if m is None or m.baseline is None else m.baseline.classes
+        if known is None or known.dtype.kind not in "iu":
+            return Classes(model)
+        classes.update(int(c) for c in known.reshape(-1))
+    return Classes(model, tuple(sorted(classes)) or None)
 
 
 def _version_watch(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,6 +11,7 @@ import numpy as np
 import orjson
 
 from proxy.errors import InvalidInputError, NonFiniteInputError, UpstreamError
+from proxy.protocol.ids import RequestIds
 
 # V2 datatype <-> numpy dtype (little-endian, as the binary extension requires).
 DTYPES: dict[str, np.dtype[Any]] = {
@@ -32,9 +32,6 @@ DATATYPE_OF = {dt: name for name, dt in DTYPES.items()}
 NUMERIC_INPUTS = tuple(n for n in DTYPES if n != "BOOL")
 BINARY_HEADER = "inference-header-content-length"
 JSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
-
-_ids = itertools.count(1)
-_ID_PREFIX = os.urandom(6).hex()
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,22 +54,7 @@ class InferRequest:
     x: np.ndarray[Any, Any]
     outputs: tuple[str, ...] | None
     binary_outputs: frozenset[str]
-    seq: int = -1  # the counter behind an id this process made up; -1: the client's own id
-
-
-def new_request_id() -> str:
-    """A fresh id, unique across processes and restarts (random prefix + counter)."""
-    return f"{_ID_PREFIX}-{next(_ids)}"
-
-
-def generated_seq(request_id: str) -> int | None:
-    """The counter of an id that new_request_id (of this process) made, else None."""
-    prefix, sep, rest = request_id.partition("-")
-    # ASCII digits only, and no more than a counter can have: str.isdigit() also takes '²', '①'
-    # and other scripts' digits, and int() refuses strings past 4,300 digits.
-    if sep and prefix == _ID_PREFIX and rest.isascii() and rest.isdigit() and len(rest) <= 19:
-        return int(rest)
-    return None
+    seq: int = -1  # the counter behind an id `ids` made up (RequestIds); -1: the client's own
 
 
 def parse_json_object(body: bytes, what: str = "request body") -> dict[str, Any]:
@@ -89,9 +71,10 @@ def parse_json_object(body: bytes, what: str = "request body") -> dict[str, Any]
 
 
 def parse_infer_request(
-    body: bytes, spec: TensorSpec, *, header_length: int | None = None
+    body: bytes, spec: TensorSpec, *, ids: RequestIds, header_length: int | None = None
 ) -> InferRequest:
-    """Decode a V2 infer request (JSON, or JSON + binary tensors) for a model with input `spec`."""
+    """Decode a V2 infer request (JSON, or JSON + binary tensors) for a model with input `spec`;
+    a request without an id gets a fresh one from `ids`."""
     binary = b""
     if header_length is not None:
         if not 0 < header_length <= len(body):
@@ -104,8 +87,7 @@ def parse_infer_request(
     rid = doc.get("id")
     seq = -1
     if rid is None:
-        seq = next(_ids)
-        rid = f"{_ID_PREFIX}-{seq}"
+        rid, seq = ids.new()
     elif not isinstance(rid, str):
         raise InvalidInputError(f"id must be a string, not {type(rid).__name__}")
     inputs = doc.get("inputs")
@@ -115,9 +97,18 @@ def parse_infer_request(
         raise InvalidInputError(
             f"this model takes one input tensor, {spec.name!r}; the request has {len(inputs)}"
         )
-    x = _decode_input(inputs[0], spec, binary)
+    x = _decode_input(inputs[0], spec, binary, _may_hold_literals(body))
     requested, binary_outputs = _requested_outputs(doc)
     return InferRequest(rid, x, requested, binary_outputs, seq)
+
+
+def _may_hold_literals(body: bytes) -> bool:
+    """Whether a JSON body may hold a `true` or `false`: numpy takes them for 1 and 0 among
+    numbers, so the data of such a body is searched for them. Most bodies hold neither an "r"
+    nor an "f", and two memchr calls rule both literals out. (`find`, not `in`: bytes'
+    `in` first tries its operand as an int, which costs more than the search; and a search for
+    "true" itself costs more than the search of the data.)"""
+    return body.find(b"r") >= 0 or body.find(b"f") >= 0
 
 
 def _requested_outputs(doc: dict[str, Any]) -> tuple[tuple[str, ...] | None, frozenset[str]]:
@@ -146,7 +137,10 @@ def _requested_outputs(doc: dict[str, Any]) -> tuple[tuple[str, ...] | None, fro
     return tuple(names), frozenset(binary)
 
 
-def _decode_input(tensor: Any, spec: TensorSpec, binary: bytes) -> np.ndarray[Any, Any]:
+def _decode_input(
+    tensor: Any, spec: TensorSpec, binary: bytes, literals: bool
+) -> np.ndarray[Any, Any]:
+    """`literals`: the JSON body may hold a `true` or `false` somewhere."""
     if not isinstance(tensor, dict):
         raise InvalidInputError("inputs[0] must be an object with name, shape, datatype and data")
     name = tensor.get("name")
@@ -175,7 +169,7 @@ def _decode_input(tensor: Any, spec: TensorSpec, binary: bytes) -> np.ndarray[An
     else:
         if "data" not in tensor:
             raise InvalidInputError(f'input {name!r}: "data" is missing')
-        arr = _json_tensor(name, datatype, tensor["data"], count)
+        arr = _json_tensor(name, datatype, tensor["data"], count, literals)
     arr = arr.reshape(shape)
     want = DTYPES[spec.datatype]
     if arr.dtype != want:
@@ -207,7 +201,9 @@ def _check_shape(name: str, shape: list[int], spec: TensorSpec) -> None:
         raise InvalidInputError(f"input {name!r}: shape {shape} holds no rows")
 
 
-def _json_tensor(name: str, datatype: str, data: Any, count: int) -> np.ndarray[Any, Any]:
+def _json_tensor(
+    name: str, datatype: str, data: Any, count: int, literals: bool
+) -> np.ndarray[Any, Any]:
     if not isinstance(data, list):
         raise InvalidInputError(
             f"input {name!r}: data must be a list (flat or nested), not {type(data).__name__}"
@@ -225,6 +221,13 @@ def _json_tensor(name: str, datatype: str, data: Any, count: int) -> np.ndarray[
         raise InvalidInputError(
             f"input {name!r}: datatype {datatype} needs {expect}, data has {what}"
         )
+    if literals and _holds_bool(data, arr.ndim):
+        bad = _first_bool(data)
+        if bad is not None:
+            raise InvalidInputError(
+                f"input {name!r}: data holds a boolean ({bad[1]}) at flat index {bad[0]};"
+                f" datatype {datatype} takes numbers only (true and false are for BOOL tensors)"
+            )
     if arr.size != count:
         raise InvalidInputError(
             f"input {name!r}: shape holds {count} values but data has {arr.size}"
@@ -236,11 +239,38 @@ def _json_tensor(name: str, datatype: str, data: Any, count: int) -> np.ndarray[
     return arr.reshape(-1)
 
 
+def _holds_bool(data: list[Any], ndim: int) -> bool:
+    """Whether a nested list that numpy took as an `ndim`-dimensional array of numbers holds a
+    boolean (a loop in C: a third of what `_first_bool` costs)."""
+    flat: Any = data
+    for _ in range(ndim - 1):
+        flat = itertools.chain.from_iterable(flat)
+    return bool in set(map(type, flat))
+
+
+def _first_bool(data: list[Any]) -> tuple[int, str] | None:
+    """(flat index, literal) of the first JSON true/false in a nested list that numpy took as
+    numbers (so it is rectangular and at most 64 deep)."""
+    flat = 0
+    stack = [iter(data)]
+    while stack:
+        for item in stack[-1]:
+            if isinstance(item, list):
+                stack.append(iter(item))
+                break
+            if item is True or item is False:
+                return flat, "true" if item else "false"
+            flat += 1
+        else:
+            stack.pop()
+    return None
+
+
 def _binary_tensor(
     name: str, datatype: str, size: Any, count: int, binary: bytes
 ) -> np.ndarray[Any, Any]:
     dtype = DTYPES[datatype]
-    if not isinstance(size, int) or size != count * dtype.itemsize:
+    if type(size) is not int or size != count * dtype.itemsize:  # not a bool either
         raise InvalidInputError(
             f"input {name!r}: binary_data_size is {size!r}, but shape and {datatype} need {count * dtype.itemsize} bytes"
         )

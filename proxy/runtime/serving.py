@@ -2,8 +2,9 @@
 
 Each part has one reason to change: `current` (the plan in force, requests in flight),
 `counters` (every count, behind methods), `reloader`, `rollouts`, `scheduler` (the timer),
-`load` (the loop's lag and CPU share), `watch` (monitors and feedback), `alerts`, `webhooks`,
-`state` and `audit`. This class only holds them."""
+`load` (the loop's lag and CPU share), `watch` (monitors and feedback), `ids` (the ids of
+requests that came without one), `alerts`, `webhooks`, `state` and `audit`. This class only
+holds them."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from proxy.engine.counters import Counters
 from proxy.engine.runner import Runners
 from proxy.monitoring.alerts import Alerts
 from proxy.monitoring.watch import Watch
+from proxy.protocol.ids import RequestIds
 from proxy.runtime.current import Current
 from proxy.runtime.load import LoopLoad
 from proxy.runtime.plan import Plan, close_plan, create_plan, start_plan
@@ -50,6 +52,7 @@ class Serving:
     runners: Runners
     http: aiohttp.ClientSession
     writer: Writer
+    ids: RequestIds  # makes the ids of requests without one; the watch's stores check them
 
     @property
     def plan(self) -> Plan:
@@ -113,7 +116,8 @@ def _wire(
     state_path, audit_path = state_paths(plan.config)
     state, audit = StateFile(state_path, writer), AuditLog(audit_path, writer)
     alerts, tasks, current, load = Alerts(), Tasks(), Current(plan), LoopLoad()
-    watch = Watch(alerts, counters)
+    ids = RequestIds()
+    watch = Watch(alerts, counters, ids=ids)
     webhooks = Webhooks(alerts, http, tasks)
     rollouts = Rollouts(
         plan=lambda: current.plan, watch=watch, state=state, audit=audit, alerts=alerts, clock=clock
@@ -136,7 +140,7 @@ def _wire(
         current=current, counters=counters, reloader=reloader, rollouts=rollouts,
         scheduler=scheduler, load=load, watch=watch, alerts=alerts, webhooks=webhooks,
         state=state, audit=audit, rng=rng or random.Random(), tasks=tasks, runners=runners,
-        http=http, writer=writer,
+        http=http, writer=writer, ids=ids,
     )  # fmt: skip
 
 
