@@ -234,7 +234,8 @@ def _parse_shadow(
         elif m == primary:
             r.error(f"{m} is the primary; a version cannot mirror itself", "mirrors")
             ok = False
-    if len(set(mirrors)) != len(mirrors):
+    names = [m for m in mirrors if isinstance(m, str)]  # others were refused above
+    if len(set(names)) != len(names):
         r.error("lists a version twice", "mirrors")
         ok = False
     if not ok:

@@ -58,9 +58,12 @@ def is_kind(value: Any, kind: str) -> bool:
     if kind == "an integer":
         return isinstance(value, int) and not isinstance(value, bool)
     if kind == "a number":
-        return (
-            isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-        )
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            return False
+        try:  # TOML integers have no size limit: one past a float's range is not a number here
+            return math.isfinite(value)
+        except OverflowError:
+            return False
     if kind == "a string":
         return isinstance(value, str)
     if kind == "a boolean":
