@@ -12,7 +12,7 @@ from aiohttp import web
 from proxy.config.schema import Config
 from proxy.http.admin import create_admin_app
 from proxy.http.data import create_data_server
-from proxy.http.transport import DataServer
+from proxy.http.transport import DataServer, ScrubHttpErrors
 from proxy.runtime.serving import Serving, create_serving
 
 log = logging.getLogger("mlproxy")
@@ -41,7 +41,9 @@ async def serve(
     data_runner = web.ServerRunner(
         data_server, handle_signals=False, shutdown_timeout=drain_timeout_s
     )
-    admin_runner = web.AppRunner(create_admin_app(serving), handle_signals=False, access_log=None)
+    admin_runner = web.AppRunner(
+        create_admin_app(serving), handle_signals=False, access_log=None, logger=_admin_http_log()
+    )
     background = loop.create_task(serving.scheduler.run())
     try:
         await data_runner.setup()
@@ -64,6 +66,14 @@ async def serve(
         await admin_runner.cleanup()
         await serving.close()
     log.info("stopped")
+
+
+def _admin_http_log() -> logging.Logger:
+    """aiohttp's server logger for the admin plane, with bad requests scrubbed of their bytes."""
+    logger = logging.getLogger("mlproxy.admin.http")
+    if not any(isinstance(f, ScrubHttpErrors) for f in logger.filters):
+        logger.addFilter(ScrubHttpErrors())
+    return logger
 
 
 def _handle_signals(

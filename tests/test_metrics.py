@@ -85,6 +85,9 @@ def proxy_snapshot() -> Snapshot:
         inflight=3,
         shed=7,
         config_loaded_at=1700000000.5,
+        admission_limit=64,
+        admission_waiting=5,
+        refused={"body_timeout": 2, "malformed_http": 1},
         reloads={"ok": 4},
         rollouts={"a": "progressing", "b": "holding", "c": "promoted", "d": "rolled_back"},
         alerts=9,
@@ -400,9 +403,32 @@ PROXY_EXPECTED: dict[str, Family] = {
     ),
     "mlproxy_shed": (
         "counter",
-        "Requests refused at once because limits.max_inflight was reached.",
+        "Requests refused with 503 before any work: they waited limits.queue_timeout_ms for an"
+        " admission slot, or the waiting queue was full.",
         [
             ("mlproxy_shed_total", {}, 7),
+        ],
+    ),
+    "mlproxy_admission_limit": (
+        "gauge",
+        "Requests admitted at once now (the adaptive limit, at most limits.max_inflight).",
+        [
+            ("mlproxy_admission_limit", {}, 64),
+        ],
+    ),
+    "mlproxy_admission_waiting_requests": (
+        "gauge",
+        "Requests parsed and waiting for an admission slot.",
+        [
+            ("mlproxy_admission_waiting_requests", {}, 5),
+        ],
+    ),
+    "mlproxy_refused_connections": (
+        "counter",
+        "Connections answered and closed, or left, without their request served, by reason.",
+        [
+            ("mlproxy_refused_connections_total", {"reason": "body_timeout"}, 2),
+            ("mlproxy_refused_connections_total", {"reason": "malformed_http"}, 1),
         ],
     ),
     "mlproxy_config_reloads": (
@@ -956,10 +982,30 @@ EMPTY_PROXY_EXPECTED: dict[str, Family] = {
     ),
     "mlproxy_shed": (
         "counter",
-        "Requests refused at once because limits.max_inflight was reached.",
+        "Requests refused with 503 before any work: they waited limits.queue_timeout_ms for an"
+        " admission slot, or the waiting queue was full.",
         [
             ("mlproxy_shed_total", {}, 0),
         ],
+    ),
+    "mlproxy_admission_limit": (
+        "gauge",
+        "Requests admitted at once now (the adaptive limit, at most limits.max_inflight).",
+        [
+            ("mlproxy_admission_limit", {}, 0),
+        ],
+    ),
+    "mlproxy_admission_waiting_requests": (
+        "gauge",
+        "Requests parsed and waiting for an admission slot.",
+        [
+            ("mlproxy_admission_waiting_requests", {}, 0),
+        ],
+    ),
+    "mlproxy_refused_connections": (
+        "counter",
+        "Connections answered and closed, or left, without their request served, by reason.",
+        [],
     ),
     "mlproxy_config_reloads": (
         "counter",

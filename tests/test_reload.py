@@ -146,13 +146,6 @@ BAD_EDITS = [
         lambda text, repo: text.replace("cancer/v2", "cancer/v7"),
         "no such model directory",
     ),
-    (
-        "remote not answering",
-        lambda text, repo: text.replace(
-            f'{{ path = "{repo}/cancer/v2" }}', '{ url = "http://127.0.0.1:9/v2/models/cancer" }'
-        ),
-        "metadata call failed",
-    ),
 ]
 
 

@@ -8,14 +8,12 @@ from collections.abc import Awaitable, Callable
 from time import perf_counter
 from typing import Any
 
-import numpy as np
 import orjson
 from aiohttp import web
-from aiohttp.http_exceptions import PayloadEncodingError
 
 from proxy import __version__
 from proxy.config.schema import VersionKey
-from proxy.engine.counters import Counters
+from proxy.engine.counters import Counters, Refusal
 from proxy.engine.stats import VersionStats
 from proxy.errors import (
     InvalidInputError,
@@ -24,9 +22,10 @@ from proxy.errors import (
     NonFiniteInputError,
     NotFoundError,
     OverloadedError,
-    PayloadTooLargeError,
     ProxyError,
 )
+from proxy.http.body import read_body
+from proxy.http.transport import HEALTH_PREFIX, DataServer
 from proxy.models.backends import Backend
 from proxy.monitoring.watch import Watch
 from proxy.protocol.codec import (
@@ -35,6 +34,8 @@ from proxy.protocol.codec import (
     parse_infer_request,
     parse_json_object,
 )
+from proxy.protocol.feedback import parse_feedback
+from proxy.protocol.ids import RequestIds
 from proxy.routing.strategy import Route
 from proxy.runtime.current import Current
 from proxy.runtime.plan import ModelPlan, Plan
@@ -53,58 +54,30 @@ def error_response(exc: ProxyError) -> web.Response:
     return _json({"error": exc.message}, status=exc.status, headers=exc.headers() or None)
 
 
-async def read_body(request: web.BaseRequest, limit: int) -> bytes:
-    """The whole body, or PayloadTooLargeError as soon as it passes `limit` bytes; a body that
-    does not decode in its Content-Encoding is the client's error (400), not ours."""
-    try:
-        return await _read_body(request, limit)
-    except (PayloadEncodingError, web.RequestPayloadError):  # the parser's, or as the body sees it
-        # The stream cannot be read past this point: the connection closes after the 400, and
-        # the body counts as read, so aiohttp does not drain it (and log the error again).
-        request.protocol.close()
-        request.content.feed_eof()
-        encoding = request.headers.get("Content-Encoding")
-        if encoding:
-            reason = f"is not valid data in its Content-Encoding ({encoding!r})"
-        else:
-            reason = "is malformed (its length or chunked framing does not hold)"
-        raise InvalidInputError(f"the request body {reason}"[:200]) from None
-
-
-async def _read_body(request: web.BaseRequest, limit: int) -> bytes:
-    length = request.content_length
-    if length is not None:
-        if length > limit:
-            raise PayloadTooLargeError(limit)
-        return await request.content.read() if length else b""
-    chunks = []
-    size = 0
-    while True:
-        chunk = await request.content.readany()
-        if not chunk:
-            break
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLargeError(limit)
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 class DataPlane:
     """Routes /v2/... requests; one handler for the whole server, no router or middleware."""
 
     def __init__(
-        self, *, current: Current, counters: Counters, watch: Watch, rng: random.Random
+        self,
+        *,
+        current: Current,
+        counters: Counters,
+        watch: Watch,
+        rng: random.Random,
+        ids: RequestIds,
     ) -> None:
         self._current = current
         self._counters = counters
         self._watch = watch
         self._rng = rng
+        self._ids = ids
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         current = self._current
         limit = current.plan.config.limits.max_inflight
-        if current.inflight >= limit:
+        # Admission happened on the connection (http/transport.py); this catches what it lets
+        # by: requests pipelined behind another on one connection. Probes are never shed.
+        if current.inflight >= limit and not request.path.startswith(HEALTH_PREFIX):
             self._counters.shed()
             return error_response(
                 OverloadedError(
@@ -112,15 +85,27 @@ class DataPlane:
                 )
             )
         plan = current.enter()  # the request finishes on this plan, whatever a reload does
+        resp: web.StreamResponse
         try:
-            return await self._dispatch(request, plan)
+            resp = await self._dispatch(request, plan)
         except ProxyError as exc:
-            return error_response(exc)
+            resp = error_response(exc)
+        except ConnectionError:
+            # The client left mid-request (its body cut short): a count, not a traceback. The
+            # answer goes nowhere; aiohttp sees the closed transport and drops the connection.
+            self._counters.refused(Refusal.CLIENT_DISCONNECTED)
+            resp = _json({"error": "the client disconnected"}, status=400)
         except Exception:
             log.exception("unhandled error serving %s %s", request.method, request.path)
-            return _json({"error": "internal error; the proxy logged the details"}, status=500)
+            resp = _json({"error": "internal error; the proxy logged the details"}, status=500)
         finally:
             current.leave(plan)
+            done = getattr(request.protocol, "request_done", None)  # our connections' slot
+            if done is not None:
+                done()
+        if current.draining:
+            resp.force_close()  # the client must not send another request on this connection
+        return resp
 
     async def _dispatch(self, request: web.BaseRequest, plan: Plan) -> web.StreamResponse:
         parts = request.path.strip("/").split("/")
@@ -141,15 +126,18 @@ class DataPlane:
                 return _json(self._model_metadata(plan, name, None))
             if n == 4 and parts[3] == "ready":
                 _allow(request, ("GET",))
-                self._model(plan, name)
-                return _json({"name": name, "ready": True})
+                # Not ready: 503, so that clients reading only the status (tritonclient's
+                # is_model_ready, Kubernetes probes) see it; the body says it too.
+                ready = self._model(plan, name).ready()
+                return _json({"name": name, "ready": ready}, status=200 if ready else 503)
             if n == 5 and parts[3] == "versions":
                 _allow(request, ("GET",))
                 return _json(self._model_metadata(plan, name, parts[4]))
             if n == 6 and parts[3] == "versions" and parts[5] == "ready":
                 _allow(request, ("GET",))
-                self._backend(self._model(plan, name), parts[4])
-                return _json({"name": name, "version": parts[4], "ready": True})
+                ready = self._backend(self._model(plan, name), parts[4]).available
+                doc = {"name": name, "version": parts[4], "ready": ready}
+                return _json(doc, status=200 if ready else 503)
             if n == 4 and parts[3] == "feedback":
                 _allow(request, ("POST",))
                 return await self._feedback(request, plan, name)
@@ -209,18 +197,15 @@ class DataPlane:
                 f"monitoring is off for {name} (models.{name}.drift.enabled = false)"
             )
         doc = parse_json_object(await read_body(request, plan.config.server.max_body_bytes))
-        rid = doc.get("id")
-        if not isinstance(rid, str) or not rid:
-            raise InvalidInputError('"id" must be the id of an earlier inference request')
-        key = "label" if "label" in doc else "value"
-        if key not in doc:
-            raise InvalidInputError(
-                '"label" is missing: the true class (or, for a regression model, the true'
-                " value) of each row of that request"
-            )
-        joined = self._watch.join(name, rid, _truth(doc[key], key))
+        feedback = parse_feedback(doc, self._watch.truths(name))
+        joined = self._watch.join(name, feedback.id, feedback.truth)
         return _json(
-            {"id": rid, "model_name": name, "model_version": joined.version, "rows": joined.rows}
+            {
+                "id": feedback.id,
+                "model_name": name,
+                "model_version": joined.version,
+                "rows": joined.rows,
+            }
         )
 
     async def _infer(
@@ -239,7 +224,7 @@ class DataPlane:
         body = await read_body(request, plan.config.server.max_body_bytes)
         try:
             req = parse_infer_request(
-                body, backend.input, header_length=_binary_header_length(request)
+                body, backend.input, ids=self._ids, header_length=_binary_header_length(request)
             )
         except NonFiniteInputError:
             self._counters.nonfinite(name)
@@ -284,19 +269,36 @@ class DataPlane:
         self, mp: ModelPlan, failed: str, exc: Exception, *, pinned: str | None
     ) -> str | None:
         """The version that answers when `failed` could not: stable, unless the request was
-        pinned, stable itself failed, or the failure was shedding (no reason to add load
-        elsewhere). None: the failure is the answer."""
+        pinned, stable itself failed or is unavailable (a remote ejected or not answering: it
+        would refuse at once), or the failure was shedding (no reason to add load elsewhere).
+        None: the failure is the answer. A version that is unavailable fails at once, so its
+        share of the traffic goes to stable without waiting, counted as fallbacks."""
         stable = mp.config.stable
         if (
             pinned is not None
             or failed == stable
             or stable not in mp.backends
+            or not mp.backends[stable].available
             or isinstance(exc, OverloadedError)
         ):
             return None
         # A canary (or green, or shadow primary) failed: the proven version answers instead.
-        log.warning("%s/%s failed a request (%s); %s answers instead", mp.name, failed, exc, stable)
+        # Logged once per interval per version, with the count (a failing canary fails often).
         self._counters.fallback(VersionKey(mp.name, failed))
+        n = mp.fallback_log.hit(failed)
+        if n == 1:
+            log.warning(
+                "%s/%s failed a request (%s); %s answers instead", mp.name, failed, exc, stable
+            )
+        elif n is not None:
+            log.warning(
+                "%s/%s failed %d requests since the last such message (last: %s); %s answered them",
+                mp.name,
+                failed,
+                n,
+                exc,
+                stable,
+            )
         return stable
 
 
@@ -325,36 +327,28 @@ def _binary_header_length(request: web.BaseRequest) -> int | None:
         ) from None
 
 
-def _truth(value: Any, key: str) -> np.ndarray[Any, Any]:
-    """Ground truth from a feedback body: a number, or a flat list of them (one per row).
-    Integers (classes) stay integers; other numbers (regression values) become float64."""
-    try:
-        arr = np.asarray(value)
-    except ValueError:
-        raise InvalidInputError(f"{key} must be a number or a flat list of numbers") from None
-    if arr.dtype.kind not in "iubf" or arr.ndim > 1 or arr.size == 0:
-        raise InvalidInputError(
-            f"{key} must be a number or a flat list of numbers, one per row, not {value!r}"[:200]
-        )
-    if arr.dtype.kind == "f":
-        if not np.isfinite(arr).all():
-            raise InvalidInputError(f"{key} holds NaN or infinite values")
-        return arr.reshape(-1).astype(np.float64)
-    return arr.reshape(-1).astype(np.int64)
-
-
 def _allow(request: web.BaseRequest, methods: tuple[str, ...]) -> None:
     if request.method not in methods:
         raise MethodNotAllowedError(request.method, request.path, methods)
 
 
 def create_data_plane(serving: Serving) -> DataPlane:
-    """The data plane, handed the four parts of `serving` it uses."""
+    """The data plane, handed the five parts of `serving` it uses."""
     return DataPlane(
-        current=serving.current, counters=serving.counters, watch=serving.watch, rng=serving.rng
+        current=serving.current,
+        counters=serving.counters,
+        watch=serving.watch,
+        rng=serving.rng,
+        ids=serving.ids,
     )
 
 
-def create_data_server(serving: Serving) -> web.Server:
-    """The low-level aiohttp server for the data plane (no router, no access log)."""
-    return web.Server(create_data_plane(serving).handle, access_log=None)
+def create_data_server(serving: Serving) -> DataServer:
+    """The low-level aiohttp server for the data plane (no router, no access log), with
+    admission, timeouts and connection limits on its connections."""
+    return DataServer(
+        create_data_plane(serving).handle,
+        current=serving.current,
+        counters=serving.counters,
+        admission=serving.admission,
+    )

@@ -157,9 +157,28 @@ def _admission(snap: Snapshot) -> Iterator[Metric]:
     )
     yield CounterMetricFamily(
         "mlproxy_shed",
-        "Requests refused at once because limits.max_inflight was reached.",
+        "Requests refused with 503 before any work: they waited limits.queue_timeout_ms for an"
+        " admission slot, or the waiting queue was full.",
         value=snap.shed,
     )
+    yield GaugeMetricFamily(
+        "mlproxy_admission_limit",
+        "Requests admitted at once now (the adaptive limit, at most limits.max_inflight).",
+        value=snap.admission_limit,
+    )
+    yield GaugeMetricFamily(
+        "mlproxy_admission_waiting_requests",
+        "Requests parsed and waiting for an admission slot.",
+        value=snap.admission_waiting,
+    )
+    refused = CounterMetricFamily(
+        "mlproxy_refused_connections",
+        "Connections answered and closed, or left, without their request served, by reason.",
+        labels=["reason"],
+    )
+    for reason, n in sorted(snap.refused.items()):
+        refused.add_metric([reason], n)
+    yield refused
 
 
 def _config_and_rollouts(snap: Snapshot) -> Iterator[Metric]:

@@ -38,6 +38,9 @@ class Snapshot:
     rollouts: dict[str, str] = field(default_factory=dict)
     alerts: int = 0
     config_ok: bool = True
+    admission_limit: int = 0
+    admission_waiting: int = 0
+    refused: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

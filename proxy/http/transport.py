@@ -9,8 +9,9 @@ that may not run yet waits as a message (no request object, no task), and one re
 canned 503 written to the transport. Health probes are never held or refused.
 
 This subclasses aiohttp's protocol and touches its private state (`_messages`, `_waiter`,
-`_request_in_progress`, `_handle_request`); pyproject pins aiohttp's minor version for it and
-tests/test_transport.py exercises every path over real sockets.
+`_request_in_progress`, `_keepalive_timeout`, `_process_keepalive`); pyproject pins aiohttp's
+minor version for it, and tests/test_transport.py and tests/test_shutdown.py exercise every
+path over real sockets. The data plane's handler gives the slot back (`request_done`).
 """
 
 from __future__ import annotations
@@ -23,13 +24,13 @@ from typing import Any
 
 import orjson
 from aiohttp import web
-from aiohttp.http_exceptions import LineTooLong
+from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 
 from proxy.config.schema import LimitsConfig
-from proxy.engine.admission import AdaptiveLimit, Admission
+from proxy.engine.admission import Admission
 from proxy.engine.counters import Counters, Refusal
 from proxy.engine.throttle import LogThrottle
 from proxy.runtime.current import Current
@@ -115,6 +116,29 @@ class BodyTimeoutError(Exception):
         self.limit_s = limit_s
 
 
+class ScrubHttpErrors(logging.Filter):
+    """For aiohttp's own server logger (the admin plane's): a request that does not parse is
+    logged as a count, at most once per LOG_INTERVAL_S, without its exception text or traceback
+    (they quote the request's bytes: a token). Other errors pass unchanged."""
+
+    def __init__(self, clock: Callable[[], float] = perf_counter) -> None:
+        super().__init__()
+        self._logs = LogThrottle(LOG_INTERVAL_S, clock)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, HttpProcessingError):
+            return True
+        n = self._logs.hit(type(exc).__name__)
+        if n is None:
+            return False
+        record.msg = "%d request(s) that do not parse as HTTP/1.1 (%s) since the last message"
+        record.args = (n, _malformed(exc))
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.exc_info = record.exc_text = None
+        return True
+
+
 def _malformed(exc: BaseException | None) -> str:
     """What was wrong with an unparseable request, without repeating its bytes."""
     if isinstance(exc, LineTooLong):
@@ -132,6 +156,7 @@ class DataServer(web.Server):
         *,
         current: Current,
         counters: Counters,
+        admission: Admission[Any],
         clock: Callable[[], float] = perf_counter,
     ) -> None:
         limits = current.plan.config.limits
@@ -144,10 +169,7 @@ class DataServer(web.Server):
         self.current = current
         self.counters = counters
         self.clock = clock
-        self.admission: Admission[DataProtocol] = Admission(
-            limit=AdaptiveLimit(ceiling=limits.max_inflight, adaptive=limits.adaptive),
-            deadline_s=limits.queue_timeout_ms / 1000.0,
-        )
+        self.admission = admission
         self.logs = LogThrottle(LOG_INTERVAL_S, clock)
         self.draining = False
         self._limits = limits
@@ -263,6 +285,7 @@ class DataServer(web.Server):
         """Answer every request already received with Connection: close; idle connections close
         after DRAIN_IDLE_GRACE_S. Waiting requests run at once (a drain refuses none)."""
         self.draining = True
+        self.current.drain()  # every answer from now on carries Connection: close
         self._run_all()
         for conn in list(self._connections):
             if isinstance(conn, DataProtocol):
@@ -518,27 +541,13 @@ class DataProtocol(RequestHandler):
 
     # ---------------------------------------------------------------- answering
 
-    async def _handle_request(
-        self,
-        request: web.BaseRequest,
-        start_time: float | None,
-        request_handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]],
-    ) -> tuple[web.StreamResponse, bool]:
-        try:
-            return await super()._handle_request(request, start_time, request_handler)
-        finally:
-            at = self._slot_at
-            if at:
-                self._slot_at = 0.0
-                srv = self._server
-                srv.release(srv.clock() - at)
-
-    async def finish_response(
-        self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
-    ) -> tuple[web.StreamResponse, bool]:
-        if self._server.draining:
-            resp.force_close()  # the client must not send another request on this connection
-        return await super().finish_response(request, resp, start_time)
+    def request_done(self) -> None:
+        """The data plane's handler finished the request that held this connection's slot."""
+        at = self._slot_at
+        if at:
+            self._slot_at = 0.0
+            srv = self._server
+            srv.release(srv.clock() - at)
 
     def handle_error(
         self,
@@ -574,4 +583,5 @@ class DataProtocol(RequestHandler):
 
     def _close_if_idle(self) -> None:
         if not (self._request_in_progress or self._messages or self._held is not None):
-            self.close()
+            # close() alone only stops the loop waiting for a request: close the socket too
+            self.force_close()

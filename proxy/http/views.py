@@ -8,6 +8,7 @@ import time
 from typing import Any, Protocol
 
 from proxy.config.schema import Config, VersionKey
+from proxy.engine.admission import Admission
 from proxy.engine.batching import BatcherState
 from proxy.engine.counters import Counters
 from proxy.http.snapshots import MonitorSnapshot, MonitorView, Snapshot, VersionView
@@ -32,6 +33,9 @@ class AdminState(Protocol):
 
     @property
     def counters(self) -> Counters: ...
+
+    @property
+    def admission(self) -> Admission[Any]: ...
 
     @property
     def reloader(self) -> Reloader: ...
@@ -94,7 +98,23 @@ def snapshot(serving: AdminState) -> Snapshot:
         rollouts=serving.rollouts.statuses(),
         alerts=serving.alerts.raised,
         config_ok=serving.reloader.last_error is None,
+        admission_limit=serving.admission.limit.limit,
+        admission_waiting=serving.admission.waiting,
+        refused={str(k): v for k, v in counters.refused_counts().items()},
     )
+
+
+def _admission(serving: AdminState) -> dict[str, Any]:
+    a = serving.admission
+    return {
+        "limit": a.limit.limit,
+        "ceiling": a.limit.ceiling,
+        "adaptive": a.limit.adaptive,
+        "running": a.inflight,
+        "waiting": a.waiting,
+        "lifo": a.lifo,
+        "latency_ms": round(a.limit.long_latency_s * 1000, 3),
+    }
 
 
 LEVELS = {"ok": 0, "warn": 1, "alert": 2}
@@ -206,6 +226,10 @@ def status(serving: AdminState) -> dict[str, Any]:
             doc["kind"] = backend.kind
             doc["weight"] = split.get(v, 0.0)
             doc["fallbacks"] = counters.fallbacks_of(VersionKey(mp.name, v))
+            doc["available"] = backend.available
+            health = backend.health()
+            if health is not None:
+                doc["upstream"] = health.to_json()
             state = backend.batcher_state()
             if state is not None:
                 doc["batching"] = _batching(state)
@@ -222,6 +246,7 @@ def status(serving: AdminState) -> dict[str, Any]:
         models[mp.name] = {
             "mode": mp.config.mode,
             "stable": mp.config.stable,
+            "ready": mp.ready(),
             "weights": split,
             "mirrors": list(mp.strategy.mirrors),
             "rollout": None if controller is None else controller.describe(now),
@@ -237,6 +262,8 @@ def status(serving: AdminState) -> dict[str, Any]:
         },
         "inflight": serving.current.inflight,
         "shed": counters.shed_total,
+        "admission": _admission(serving),
+        "refused": {str(k): v for k, v in counters.refused_counts().items()},
         "loop_lag_ms": round(serving.load.lag_s * 1000, 3),
         "loop_busy": round(serving.load.busy, 3),
         "mirrors_yield": serving.load.mirrors_yield,

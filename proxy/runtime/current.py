@@ -16,6 +16,7 @@ class Current:
         self._inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self._draining = False
 
     @property
     def plan(self) -> Plan:
@@ -25,6 +26,14 @@ class Current:
     def inflight(self) -> int:
         """Requests started and not finished, on any plan."""
         return self._inflight
+
+    @property
+    def draining(self) -> bool:
+        """True once the process is stopping: no request after the ones in flight."""
+        return self._draining
+
+    def drain(self) -> None:
+        self._draining = True
 
     def enter(self) -> Plan:
         plan = self._plan

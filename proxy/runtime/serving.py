@@ -12,10 +12,12 @@ import asyncio
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
 from proxy.config.schema import Config
+from proxy.engine.admission import AdaptiveLimit, Admission
 from proxy.engine.counters import Counters
 from proxy.engine.runner import Runners
 from proxy.monitoring.alerts import Alerts
@@ -53,6 +55,7 @@ class Serving:
     http: aiohttp.ClientSession
     writer: Writer
     ids: RequestIds  # makes the ids of requests without one; the watch's stores check them
+    admission: Admission[Any]  # slots and the waiting queue; the data plane's connections use it
 
     @property
     def plan(self) -> Plan:
@@ -117,6 +120,11 @@ def _wire(
     state, audit = StateFile(state_path, writer), AuditLog(audit_path, writer)
     alerts, tasks, current, load = Alerts(), Tasks(), Current(plan), LoopLoad()
     ids = RequestIds()
+    limits = plan.config.limits
+    admission: Admission[Any] = Admission(
+        limit=AdaptiveLimit(ceiling=limits.max_inflight, adaptive=limits.adaptive),
+        deadline_s=limits.queue_timeout_ms / 1000.0,
+    )
     watch = Watch(alerts, counters, ids=ids)
     webhooks = Webhooks(alerts, http, tasks)
     rollouts = Rollouts(
@@ -140,7 +148,7 @@ def _wire(
         current=current, counters=counters, reloader=reloader, rollouts=rollouts,
         scheduler=scheduler, load=load, watch=watch, alerts=alerts, webhooks=webhooks,
         state=state, audit=audit, rng=rng or random.Random(), tasks=tasks, runners=runners,
-        http=http, writer=writer, ids=ids,
+        http=http, writer=writer, ids=ids, admission=admission,
     )  # fmt: skip
 
 

@@ -1,0 +1,86 @@
+"""Admission's bookkeeping, driven by its step methods with the clock passed in: slots, the FIFO
+queue, the deadline measured from arrival, LIFO while shedding, and the gradient limit."""
+
+from __future__ import annotations
+
+from proxy.engine.admission import MIN_LIMIT, PARKED_PER_SLOT, WINDOW, AdaptiveLimit, Admission
+
+
+def fixed(n: int, deadline_s: float = 0.1) -> Admission[str]:
+    return Admission(limit=AdaptiveLimit(ceiling=n, adaptive=False), deadline_s=deadline_s)
+
+
+def test_slots_then_a_fifo_queue_then_the_deadline_from_arrival() -> None:
+    a = fixed(2)
+    assert a.arrive("a", 0.0) is True and a.arrive("b", 0.0) is True
+    assert a.arrive("c", 0.01) is False and a.arrive("d", 0.02) is False
+    assert a.waiting == 2 and a.inflight == 2
+    a.release(0.005)
+    run, shed = a.due(0.03)
+    assert (run, shed) == (["c"], [])  # the oldest waiter first
+    # d arrived at 0.02: at 0.121 it has waited past 100 ms and is shed
+    assert a.due(0.119) == ([], [])
+    run, shed = a.due(0.121)
+    assert (run, shed) == ([], ["d"]) and a.shed_total == 1
+    assert not a.lifo  # the queue emptied: back to FIFO
+
+
+def test_after_a_shed_the_newest_go_first_until_the_queue_empties() -> None:
+    a = fixed(1)
+    assert a.arrive("x", 0.0) is True
+    for i, t in enumerate((0.00, 0.05, 0.09, 0.095)):
+        assert a.arrive(f"w{i}", t) is False
+    run, shed = a.due(0.101)  # w0 is past its deadline
+    assert shed == ["w0"] and run == [] and a.lifo
+    a.release(0.1)
+    run, shed = a.due(0.102)
+    assert run == ["w3"] and shed == []  # the newest waiter, not w1
+    a.release(0.001)
+    run, _ = a.due(0.103)
+    assert run == ["w2"]
+    a.release(0.001)
+    run, _ = a.due(0.104)
+    assert run == ["w1"] and not a.lifo
+
+
+def test_cancelled_waiters_are_skipped_and_a_drain_admits_all() -> None:
+    a = fixed(1)
+    a.arrive("x", 0.0)
+    for w in ("p", "q", "r"):
+        a.arrive(w, 0.0)
+    a.cancel("q")
+    assert a.waiting == 2
+    assert a.admit_all() == ["p", "r"] and a.inflight == 3 and a.waiting == 0
+    a.take()
+    assert a.inflight == 4
+
+
+def test_a_full_queue_sheds_at_once() -> None:
+    a = fixed(1)
+    a.arrive("x", 0.0)
+    for i in range(PARKED_PER_SLOT):
+        assert a.arrive(f"w{i}", 0.0) is False
+    assert a.arrive("late", 0.0) is None and a.shed_total == 1
+
+
+def test_the_gradient_cuts_on_rising_latency_and_grows_while_used() -> None:
+    lim = AdaptiveLimit(ceiling=512, adaptive=True)
+    start = lim.limit
+    assert start == 64
+    for _ in range(20 * WINDOW):  # steady 1 ms while the limit is in use: it grows
+        lim.sample(0.001, inflight=lim.limit)
+    grown = lim.limit
+    assert grown > start
+    for _ in range(10 * WINDOW):  # latency x10: cut, until the long-term figure catches up
+        lim.sample(0.010, inflight=lim.limit)
+    assert MIN_LIMIT <= lim.limit < 0.8 * grown
+    for _ in range(200 * WINDOW):  # never past the ceiling
+        lim.sample(0.001, inflight=lim.limit)
+    assert lim.limit <= 512
+    idle = AdaptiveLimit(ceiling=512, adaptive=True)
+    for _ in range(20 * WINDOW):  # fast answers, few in flight: no reason to grow
+        idle.sample(0.001, inflight=2)
+    assert idle.limit == 64
+    off = AdaptiveLimit(ceiling=100, adaptive=False)
+    off.sample(5.0, inflight=100)
+    assert off.limit == 100
