@@ -3,7 +3,14 @@ queue, the deadline measured from arrival, LIFO while shedding, and the gradient
 
 from __future__ import annotations
 
-from proxy.engine.admission import MIN_LIMIT, PARKED_PER_SLOT, WINDOW, AdaptiveLimit, Admission
+from proxy.engine.admission import (
+    MIN_LIMIT,
+    PARKED_PER_SLOT,
+    PATIENT_FACTOR,
+    WINDOW,
+    AdaptiveLimit,
+    Admission,
+)
 
 
 def fixed(n: int, deadline_s: float = 0.1) -> Admission[str]:
@@ -84,3 +91,22 @@ def test_the_gradient_cuts_on_rising_latency_and_grows_while_used() -> None:
     off = AdaptiveLimit(ceiling=100, adaptive=False)
     off.sample(5.0, inflight=100)
     assert off.limit == 100
+
+
+def test_a_patient_waiter_is_held_longer_and_keeps_its_place() -> None:
+    """A request resent at once after a 503 (closed loop) waits its turn PATIENT_FACTOR
+    deadlines."""
+    a = fixed(1)
+    a.arrive("x", 0.0)
+    assert a.arrive("keen", 0.00, patient=True) is False
+    assert a.arrive("plain", 0.01) is False
+    run, shed = a.due(0.2)
+    assert (run, shed) == ([], ["plain"])  # past its 100 ms; the patient one is not
+    a.release(0.2)
+    run, shed = a.due(0.25)
+    assert (run, shed) == (["keen"], [])
+    assert a.arrive("late", 0.5, patient=True) is False
+    a.release(0.1)  # no slot freed before its deadlines passed
+    a.take()
+    assert a.due(0.5 + PATIENT_FACTOR * 0.1 - 0.01) == ([], [])
+    assert a.due(0.5 + PATIENT_FACTOR * 0.1 + 0.01) == ([], ["late"])

@@ -15,9 +15,11 @@ before any in-flight count grows, and a shed request is only as good as it is ch
   the queue turns LIFO until it empties: under an open-loop overload the newest requests, which
   can still be answered in time, go first, and the oldest, already late, are the ones refused
   (adaptive LIFO, as in Facebook's "Fail at Scale");
-* the number of slots follows a gradient on admitted latency (Netflix concurrency-limits'
-  Gradient2): limit x min(1, tolerance x long-term latency / recent latency) + sqrt(limit),
-  smoothed, between `MIN_LIMIT` and the configured ceiling.
+* the number of slots follows a gradient on admitted latency against its floor (as Envoy's
+  adaptive concurrency and Netflix's concurrency-limits do): limit x min(1, tolerance x floor
+  / recent latency) + sqrt(limit) while the limit is in use, smoothed, between `MIN_LIMIT` and
+  the configured ceiling. The floor is the lowest recent latency seen, rising slowly
+  (FLOOR_CREEP per window) so that it follows a slower machine or model.
 """
 
 from __future__ import annotations
@@ -33,8 +35,9 @@ MIN_LIMIT = 8
 TOLERANCE = 2.0  # recent latency may be this many times the long-term one before cutting
 SMOOTHING = 0.2  # each update moves the limit this far toward its new value
 WINDOW = 64  # latency samples per update
-LONG_DECAY = 0.05  # the long-term latency's EWMA weight per update
+FLOOR_CREEP = 0.002  # the floor rises this share per window unless a lower latency is seen
 PARKED_PER_SLOT = 8  # waiting requests at most, per slot of the ceiling; past it, shed at once
+PATIENT_FACTOR = 10  # a request resent at once after a 503 waits up to this x the deadline
 
 
 class AdaptiveLimit:
@@ -54,6 +57,7 @@ class AdaptiveLimit:
 
     @property
     def long_latency_s(self) -> float:
+        """The latency floor the gradient compares recent latency with."""
         return self._long_s
 
     def configure(self, *, ceiling: int, adaptive: bool) -> None:
@@ -75,14 +79,8 @@ class AdaptiveLimit:
             self._n = 0
 
     def _update(self, recent_s: float, inflight: int) -> None:
-        if self._long_s == 0.0:
-            self._long_s = recent_s
-        else:
-            self._long_s += LONG_DECAY * (recent_s - self._long_s)
-            if recent_s < self._long_s:
-                # Latency fell (load went away): let the long-term figure follow quickly, or a
-                # busy past would hold the limit high.
-                self._long_s = recent_s + (self._long_s - recent_s) * 0.5
+        floor = self._long_s
+        self._long_s = recent_s if floor == 0.0 else min(floor * (1 + FLOOR_CREEP), recent_s)
         gradient = min(1.0, max(0.5, TOLERANCE * self._long_s / recent_s)) if recent_s else 1.0
         limit = self._limit
         headroom = math.sqrt(limit) if inflight >= limit / 2 else 0.0
@@ -100,7 +98,10 @@ class Admission(Generic[T]):
         self.limit = limit
         self.deadline_s = deadline_s
         self._inflight = 0
+        # (arrived, ticket), oldest first: requests held to the deadline, and patient ones
+        # (resent at once after a 503: a closed-loop client), held to PATIENT_FACTOR x it
         self._waiting: deque[tuple[float, T]] = deque()
+        self._patient: deque[tuple[float, T]] = deque()
         self._cancelled: set[T] = set()
         self._lifo = False
         self.admitted_total = 0
@@ -113,7 +114,7 @@ class Admission(Generic[T]):
 
     @property
     def waiting(self) -> int:
-        return len(self._waiting) - len(self._cancelled)
+        return len(self._waiting) + len(self._patient) - len(self._cancelled)
 
     @property
     def lifo(self) -> bool:
@@ -124,17 +125,19 @@ class Admission(Generic[T]):
         self.limit.configure(ceiling=ceiling, adaptive=adaptive)
         self.deadline_s = deadline_s
 
-    def arrive(self, ticket: T, now: float) -> bool | None:
+    def arrive(self, ticket: T, now: float, *, patient: bool = False) -> bool | None:
         """True: run now (a slot is taken). False: wait; `due` hands it back. None: shed at once
-        (the queue is full)."""
-        if self._inflight < self.limit.limit and not self._waiting:
+        (the queue is full). A patient ticket waits up to PATIENT_FACTOR x the deadline: a
+        client that resends at once gains nothing from another refusal, and each costs CPU
+        (closed loop: queue fairly, never refuse work that comes straight back)."""
+        if self._inflight < self.limit.limit and not self._waiting and not self._patient:
             self._inflight += 1
             self.admitted_total += 1
             return True
-        if len(self._waiting) >= PARKED_PER_SLOT * self.limit.ceiling:
+        if len(self._waiting) + len(self._patient) >= PARKED_PER_SLOT * self.limit.ceiling:
             self.shed_total += 1
             return None
-        self._waiting.append((now, ticket))
+        (self._patient if patient else self._waiting).append((now, ticket))
         self.waited_total += 1
         return False
 
@@ -152,44 +155,62 @@ class Admission(Generic[T]):
         self._inflight -= 1
         self.limit.sample(latency_s, self._inflight + 1)
 
-    def due(self, now: float) -> tuple[list[T], list[T]]:
-        """(tickets that may run now, each holding a slot; tickets past their deadline, to
-        refuse). Call after `release`, and from a timer while any ticket waits."""
-        shed: list[T] = []
-        waiting = self._waiting
+    def _expire(self, queue: deque[tuple[float, T]], oldest_ok: float, shed: list[T]) -> None:
         cancelled = self._cancelled
-        oldest_ok = now - self.deadline_s
-        while waiting and waiting[0][0] <= oldest_ok:
-            _, ticket = waiting.popleft()
+        while queue and queue[0][0] <= oldest_ok:
+            _, ticket = queue.popleft()
             if ticket in cancelled:
                 cancelled.discard(ticket)
                 continue
             shed.append(ticket)
+
+    def _next(self) -> T:
+        """The next ticket to run: the oldest (FIFO), or the newest while shedding (LIFO)."""
+        w, p = self._waiting, self._patient
+        if self._lifo:
+            q = w if not p or (w and w[-1][0] >= p[-1][0]) else p
+            return q.pop()[1]
+        q = w if not p or (w and w[0][0] <= p[0][0]) else p
+        return q.popleft()[1]
+
+    def due(self, now: float) -> tuple[list[T], list[T]]:
+        """(tickets that may run now, each holding a slot; tickets past their deadline, to
+        refuse). Call after `release`, and from a timer while any ticket waits."""
+        shed: list[T] = []
+        self._expire(self._waiting, now - self.deadline_s, shed)
+        self._expire(self._patient, now - PATIENT_FACTOR * self.deadline_s, shed)
         if shed:
             self.shed_total += len(shed)
             self._lifo = True
         run: list[T] = []
         limit = self.limit.limit
-        while waiting and self._inflight < limit:
-            _, ticket = waiting.pop() if self._lifo else waiting.popleft()
+        cancelled = self._cancelled
+        while (self._waiting or self._patient) and self._inflight < limit:
+            ticket = self._next()
             if ticket in cancelled:
                 cancelled.discard(ticket)
                 continue
             self._inflight += 1
             self.admitted_total += 1
             run.append(ticket)
-        if not waiting:
+        if not self._waiting and not self._patient:
             self._lifo = False
             cancelled.clear()
         return run, shed
 
     def oldest_wait_s(self, now: float) -> float:
-        return now - self._waiting[0][0] if self._waiting else 0.0
+        """How long the waiter nearest its deadline has waited, as a share of a plain one's."""
+        heads = [now - self._waiting[0][0]] if self._waiting else []
+        if self._patient:
+            heads.append((now - self._patient[0][0]) / PATIENT_FACTOR)
+        return max(heads, default=0.0)
 
     def admit_all(self) -> list[T]:
         """Every waiting ticket, each given a slot past the limit (a drain answers them all)."""
-        run = [t for _, t in self._waiting if t not in self._cancelled]
+        both = sorted([*self._waiting, *self._patient], key=lambda item: item[0])
+        run = [t for _, t in both if t not in self._cancelled]
         self._waiting.clear()
+        self._patient.clear()
         self._cancelled.clear()
         self._inflight += len(run)
         self.admitted_total += len(run)

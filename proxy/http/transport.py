@@ -44,6 +44,8 @@ HOLD_BODY_MAX = 1 << 16
 # request already on the wire when the drain began is answered (with Connection: close).
 DRAIN_IDLE_GRACE_S = 0.5
 LOG_INTERVAL_S = 10.0
+HEARTBEAT_S = 0.005  # how often the loop's lateness is measured while connections are open
+RESEND_WINDOW_S = 1.0  # a request this soon after its connection's 503 ignored Retry-After: 1
 Message = tuple[Any, StreamReader]
 
 
@@ -64,20 +66,12 @@ def _canned(status: int, reason: str, error: str, *, close: bool, retry: bool = 
 _SHED = "overloaded: the request waited limits.queue_timeout_ms for a slot; retry after 1 s"
 SHED_KEEP = _canned(503, "Service Unavailable", _SHED, close=False, retry=True)
 SHED_CLOSE = _canned(503, "Service Unavailable", _SHED, close=True, retry=True)
-FULL = _canned(
-    503,
-    "Service Unavailable",
-    "overloaded: too many requests waiting (limits.max_inflight); retry after 1 s",
-    close=False,
-    retry=True,
+_FULL = (
+    "overloaded: the request could not be admitted in time (limits.queue_timeout_ms) or too"
+    " many wait (limits.max_inflight); retry after 1 s"
 )
-FULL_CLOSE = _canned(
-    503,
-    "Service Unavailable",
-    "overloaded: too many requests waiting (limits.max_inflight); retry after 1 s",
-    close=True,
-    retry=True,
-)
+FULL = _canned(503, "Service Unavailable", _FULL, close=False, retry=True)
+FULL_CLOSE = _canned(503, "Service Unavailable", _FULL, close=True, retry=True)
 TOO_MANY_CONNECTIONS = _canned(
     503,
     "Service Unavailable",
@@ -175,8 +169,24 @@ class DataServer(web.Server):
         self._limits = limits
         self._timer: asyncio.TimerHandle | None = None
         self._open = 0
+        self.lag_s = 0.0  # the loop's lateness at the last heartbeat
+        self._beat_due = 0.0
+        self._beat_handle: asyncio.TimerHandle | None = None
         self._all_closed = asyncio.Event()
         self._all_closed.set()
+
+    def _beat(self) -> None:
+        """Every HEARTBEAT_S while connections are open: how late the loop got to this timer,
+        which is about how long the bytes read in this iteration waited unread (the kernel's
+        queue, invisible otherwise: past capacity the loop saturates before any count grows)."""
+        now = self.clock()
+        self.lag_s = max(now - self._beat_due, 0.0)
+        if self._open <= 0:
+            self._beat_handle = None
+            self.lag_s = 0.0
+            return
+        self._beat_due = now + HEARTBEAT_S
+        self._beat_handle = self._loop.call_later(HEARTBEAT_S, self._beat)
 
     def __call__(self) -> DataProtocol:
         return DataProtocol(self, loop=self._loop, **self._kwargs)
@@ -203,6 +213,9 @@ class DataServer(web.Server):
         """A connection was made; False if it is one past limits.max_connections."""
         self._open += 1
         self._all_closed.clear()
+        if self._beat_handle is None:
+            self._beat_due = self.clock() + HEARTBEAT_S
+            self._beat_handle = self._loop.call_later(HEARTBEAT_S, self._beat)
         return self._open <= self.limits().max_connections
 
     def closed(self) -> None:
@@ -218,7 +231,18 @@ class DataServer(web.Server):
         if self.draining:
             self.admission.take()  # a drain refuses nothing already received
             return True
-        verdict = self.admission.arrive(conn, self.clock())
+        lag = self.lag_s
+        now = self.clock()
+        patient = now - conn.shed_at <= RESEND_WINDOW_S
+        if lag >= self.admission.deadline_s and not patient:
+            # The loop was this late: the request sat unread in the socket for about as long,
+            # past its deadline already. Refuse it now, for the price of a canned answer. Not
+            # when its connection was refused a moment ago: a client that resends at once
+            # (closed loop) would make each refusal a new arrival; it waits its turn instead.
+            self.admission.shed_total += 1
+            self._count_shed()
+            return None
+        verdict = self.admission.arrive(conn, now - lag, patient=patient)
         if verdict is False:
             self._arm()
         elif verdict is None:
@@ -311,6 +335,7 @@ class DataProtocol(RequestHandler):
         "_held_body",
         "_server",
         "_slot_at",
+        "shed_at",
     )
 
     def __init__(self, server: DataServer, **kwargs: Any) -> None:
@@ -323,6 +348,7 @@ class DataProtocol(RequestHandler):
         self._body_timer: asyncio.TimerHandle | None = None
         self._feeding = False  # inside aiohttp's parser (its callbacks must not wake anything)
         self._body_ready = False  # a held body completed while feeding
+        self.shed_at = -RESEND_WINDOW_S  # when this connection's last request was shed
 
     # ---------------------------------------------------------------- connection
 
@@ -479,6 +505,7 @@ class DataProtocol(RequestHandler):
         if not held:
             return
         msg, payload = held[0]
+        self.shed_at = self._server.clock()
         if self._server.draining or msg.should_close or not payload.is_eof():
             self._write(SHED_CLOSE if answer is SHED_KEEP else FULL_CLOSE)
             self.force_close()
