@@ -57,7 +57,9 @@ class _Book:
 
     measure_from: float
     latencies: list[float] = field(default_factory=list)  # seconds, measured window only
+    by_status: dict[int, list[float]] = field(default_factory=dict)  # the same, per status
     statuses: Counter[int] = field(default_factory=Counter)
+    all_statuses: Counter[int] = field(default_factory=Counter)  # warm-up included
     completed: int = 0
     errors: int = 0
     outstanding: int = 0
@@ -69,9 +71,12 @@ class _Book:
             self.errors += 1
         else:
             self.completed += 1
+            self.all_statuses[status] += 1
             if req.scheduled >= self.measure_from:
                 self.statuses[status] += 1
-                self.latencies.append(now - req.scheduled)
+                latency = now - req.scheduled
+                self.latencies.append(latency)
+                self.by_status.setdefault(status, []).append(latency)
         if self.outstanding == 0:
             self.drained.set()
 
@@ -270,7 +275,13 @@ async def run_open_loop(
         "p99_ms": _quantile_ms(book.latencies, 0.99),
         "mean_ms": round(statistics.fmean(book.latencies) * 1000, 4) if n_measured else None,
         "non_2xx": non_2xx,
+        # admitted: answered 200; shed: answered 503 (overload), each timed like the rest
+        "admitted_p50_ms": _quantile_ms(book.by_status.get(200, []), 0.5),
+        "admitted_p99_ms": _quantile_ms(book.by_status.get(200, []), 0.99),
+        "shed_p50_ms": _quantile_ms(book.by_status.get(503, []), 0.5),
+        "shed_p99_ms": _quantile_ms(book.by_status.get(503, []), 0.99),
         "statuses": {str(k): v for k, v in sorted(book.statuses.items())},
+        "all_statuses": {str(k): v for k, v in sorted(book.all_statuses.items())},
         "errors": book.errors + unfinished,
         "unfinished": unfinished,
         "connect_errors": pool.connect_errors,
@@ -294,6 +305,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=float, default=1.0, help="seconds sent but not measured")
     p.add_argument("--max-conns", type=int, default=256)
     p.add_argument("--preopen", type=int, default=32)
+    p.add_argument("--drain-timeout", type=float, default=5.0)
     args = p.parse_args(argv)
     bodies = [line for line in args.bodies.read_bytes().splitlines() if line.strip()]
     if not bodies or args.rate <= 0:
@@ -309,6 +321,7 @@ def main(argv: list[str] | None = None) -> None:
             warmup=args.warmup,
             max_conns=args.max_conns,
             preopen=args.preopen,
+            drain_timeout=args.drain_timeout,
         )
     )
     sys.stdout.buffer.write(orjson.dumps(result) + b"\n")
