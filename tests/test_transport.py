@@ -284,3 +284,57 @@ async def test_malformed_http_is_a_json_400_and_the_log_keeps_no_client_bytes(
 async def _until(cond: Any) -> None:
     while not cond():
         await asyncio.sleep(0.005)
+
+
+def test_one_plain_request_is_recognised_only_when_whole_and_simple() -> None:
+    """The raw-bytes refusal answers only what aiohttp's parser would read as one plain
+    request; anything else is left to the parser."""
+    from proxy.http.transport import one_plain_request
+
+    body = b'{"inputs": []}'
+    keep = post("/v2/models/cancer/infer", body, close=False)
+    assert one_plain_request(keep) is False
+    assert one_plain_request(post("/v2/models/cancer/infer", body)) is True
+    assert one_plain_request(keep[:-1]) is None  # body not all here
+    assert one_plain_request(keep + keep) is None  # two requests (pipelined)
+    assert one_plain_request(GET_LIVE) is None  # probes are never refused
+    assert (
+        one_plain_request(keep.replace(b"Content-Length", b"Transfer-Encoding: chunked\r\nX"))
+        is None
+    )
+    twice = keep.replace(b"Host: x", b"Content-Length: 14\r\nHost: x")
+    assert one_plain_request(twice) is None
+    assert one_plain_request(keep.replace(b"HTTP/1.1", b"HTTP/1.0")) is True
+    assert one_plain_request(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n") is False
+
+
+async def test_a_full_queue_refuses_from_the_raw_bytes(
+    start: Any, tmp_path: Path, model_repo: Path, gated_upstream: Any, cancer_rows: Any
+) -> None:
+    """With every slot taken and the queue full (8 per slot), the next request is answered 503
+    from its bytes, before aiohttp builds it; the waiters are then served."""
+    up, _, url = gated_upstream
+    versions = {"v3": f'{{ url = "{url}", timeout_ms = 30000 }}'}
+    config = limits_config(
+        tmp_path,
+        model_section(repo=model_repo, versions=versions, stable="v3"),
+        max_inflight=1,
+        adaptive=False,
+        queue_timeout_ms=20_000,
+    )
+    client, serving = await start(config)
+    port = client.port
+    good = post("/v2/models/cancer/infer", orjson.dumps(infer_body(cancer_rows[:1])))
+    server = client.server._data_server
+    up.gate.clear()
+    held = [asyncio.create_task(exchange(port, good, timeout=30))]
+    await asyncio.wait_for(_until(lambda: up.received == 1), 10)
+    held += [asyncio.create_task(exchange(port, good, timeout=30)) for _ in range(8)]
+    await asyncio.wait_for(_until(lambda: server.admission.waiting == 8), 10)
+    reply = await exchange(port, good)
+    assert (
+        status_of(reply) == 503 and b"Retry-After: 1" in reply and b"could not be admitted" in reply
+    )
+    assert serving.counters.shed_total == 1
+    up.gate.set()
+    assert [status_of(r) for r in await asyncio.gather(*held)] == [200] * 9

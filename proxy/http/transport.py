@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from time import perf_counter
 from typing import Any
@@ -30,7 +31,7 @@ from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 
 from proxy.config.schema import LimitsConfig
-from proxy.engine.admission import Admission
+from proxy.engine.admission import PARKED_PER_SLOT, Admission
 from proxy.engine.counters import Counters, Refusal
 from proxy.engine.throttle import LogThrottle
 from proxy.runtime.current import Current
@@ -141,6 +142,37 @@ def _malformed(exc: BaseException | None) -> str:
     return f"it does not parse as HTTP/1.1 ({name})"
 
 
+_CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d{1,12})[ \t]*(?:\r\n|$)")
+
+
+def one_plain_request(data: bytes) -> bool | None:
+    """If `data` is exactly one whole, plain HTTP/1.x request (no chunking, upgrade, folded or
+    repeated Content-Length, not a health probe): whether it asks to close; else None (let
+    aiohttp parse it)."""
+    end = data.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    head = data[:end]
+    line_end = head.find(b"\r\n")
+    parts = (head if line_end < 0 else head[:line_end]).split(b" ")
+    if len(parts) != 3 or parts[1].startswith(b"/v2/health/"):
+        return None
+    version = parts[2]
+    if version not in (b"HTTP/1.1", b"HTTP/1.0") or b"\r\n " in head or b"\r\n\t" in head:
+        return None
+    lower = head.lower()
+    if b"\r\ntransfer-encoding:" in lower or b"\r\nupgrade:" in lower:
+        return None
+    lengths = _CONTENT_LENGTH.findall(lower)
+    if len(lengths) > 1 or lower.count(b"\r\ncontent-length:") != len(lengths):
+        return None
+    if end + 4 + (int(lengths[0]) if lengths else 0) != len(data):
+        return None
+    if version == b"HTTP/1.0":
+        return b"\r\nconnection: keep-alive" not in lower
+    return b"\r\nconnection: close" in lower
+
+
 class DataServer(web.Server):
     """aiohttp's server with our protocol, the process's admission queue and its drain."""
 
@@ -224,6 +256,19 @@ class DataServer(web.Server):
             self._all_closed.set()
 
     # ---------------------------------------------------------------- admission
+
+    def refusing(self, conn: DataProtocol) -> bool:
+        """Would a request arriving on `conn` now be refused at once (see `arrive`)?"""
+        if self.draining:
+            return False
+        a = self.admission
+        if a.waiting >= PARKED_PER_SLOT * a.limit.ceiling:
+            return True
+        return self.lag_s >= a.deadline_s and self.clock() - conn.shed_at > RESEND_WINDOW_S
+
+    def refuse_raw(self) -> None:
+        self.admission.shed_total += 1
+        self._count_shed()
 
     def arrive(self, conn: DataProtocol) -> bool | None:
         """May `conn`'s request run? (see Admission.arrive)"""
@@ -395,6 +440,27 @@ class DataProtocol(RequestHandler):
     def data_received(self, data: bytes) -> None:
         if self._force_close or self._close:
             return
+        if (
+            self._server.refusing(self)
+            and self._held is None
+            and not self._messages
+            and not self._request_in_progress
+            and self._header_timer is None
+            and self._body_timer is None
+        ):
+            close = one_plain_request(data)
+            if close is not None:
+                # Refused from the raw bytes: aiohttp's parser never builds this message
+                # (headers, URL, body reader), so a refusal costs little more than its write.
+                self._server.refuse_raw()
+                self.shed_at = self._server.clock()
+                if close:
+                    self._write(FULL_CLOSE)
+                    self.force_close()
+                else:
+                    self._write(FULL)
+                    self._next_keepalive_close_time = self._loop.time() + self._keepalive_timeout
+                return
         messages = self._messages
         before = len(messages)
         waiter = self._waiter
