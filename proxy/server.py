@@ -12,7 +12,8 @@ from aiohttp import web
 from proxy.config.schema import Config
 from proxy.http.admin import create_admin_app
 from proxy.http.data import create_data_server
-from proxy.http.transport import DataServer, ScrubHttpErrors
+from proxy.http.refusals import ScrubHttpErrors
+from proxy.http.transport import DataServer
 from proxy.runtime.serving import Serving, create_serving
 
 log = logging.getLogger("mlproxy")

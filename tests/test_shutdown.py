@@ -8,7 +8,7 @@ import asyncio
 import re
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,8 @@ class Tally:
     told_to_close: int = 0  # connections that ended on an answer with Connection: close
     refused: int = 0  # reconnects the closed listener refused (not requests: never sent)
     statuses: dict[int, int] | None = None
+    target: int = 20 * CONNECTIONS  # answers before the SIGTERM
+    loaded: asyncio.Event = field(default_factory=asyncio.Event)  # set once `target` answered
 
 
 async def keep_sending(port: int, request: bytes, tally: Tally, stop_at: float) -> None:
@@ -52,6 +54,8 @@ async def keep_sending(port: int, request: bytes, tally: Tally, stop_at: float) 
             assert tally.statuses is not None
             tally.statuses[status] = tally.statuses.get(status, 0) + 1
             tally.answered += 1
+            if tally.answered >= tally.target:
+                tally.loaded.set()
             if b"\r\nconnection: close" in head.lower():
                 tally.told_to_close += 1
                 break
@@ -87,10 +91,7 @@ async def test_sigterm_under_keepalive_load_loses_no_request(
             asyncio.create_task(keep_sending(port, request, tally, stop_at))
             for _ in range(CONNECTIONS)
         ]
-        deadline = time.monotonic() + 30
-        while tally.answered < 20 * CONNECTIONS and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
-        assert tally.answered >= 20 * CONNECTIONS, "the load never got going"
+        await asyncio.wait_for(tally.loaded.wait(), 30)  # the load is going
         served.proc.send_signal(signal.SIGTERM)
         await asyncio.wait_for(asyncio.gather(*clients), 60)
         code = await asyncio.to_thread(served.proc.wait, 30)

@@ -192,6 +192,24 @@ async def test_decoded_size_is_limited_and_encodings_are_checked(
     assert status_of(reply) == 400 and b"truncated" in reply
 
 
+async def behind_gate(
+    start: Any, tmp_path: Path, model_repo: Path, url: str, rows: Any, slots: int, wait_ms: Any
+) -> tuple[Any, Any, bytes]:
+    """A proxy whose one version is the gated upstream at `url`, with `slots` fixed admission
+    slots and queue_timeout_ms = `wait_ms`: (client, serving, a good request's bytes)."""
+    versions = {"v3": f'{{ url = "{url}", timeout_ms = 30000 }}'}
+    config = limits_config(
+        tmp_path,
+        model_section(repo=model_repo, versions=versions, stable="v3"),
+        max_inflight=slots,
+        adaptive=False,
+        queue_timeout_ms=wait_ms,
+    )
+    client, serving = await start(config)
+    good = post("/v2/models/cancer/infer", orjson.dumps(infer_body(rows[:1])))
+    return client, serving, good
+
+
 async def test_a_request_past_the_limit_waits_then_is_shed_canned_and_health_is_never_held(
     start: Any,
     tmp_path: Path,
@@ -200,17 +218,8 @@ async def test_a_request_past_the_limit_waits_then_is_shed_canned_and_health_is_
     cancer_rows: Any,
 ) -> None:
     up, _, url = gated_upstream
-    versions = {"v3": f'{{ url = "{url}", timeout_ms = 30000 }}'}
-    config = limits_config(
-        tmp_path,
-        model_section(repo=model_repo, versions=versions, stable="v3"),
-        max_inflight=4,
-        adaptive=False,
-        queue_timeout_ms=300,
-    )
-    client, serving = await start(config)
+    client, serving, good = await behind_gate(start, tmp_path, model_repo, url, cancer_rows, 4, 300)
     port = client.port
-    good = post("/v2/models/cancer/infer", orjson.dumps(infer_body(cancer_rows[:1])))
     up.gate.clear()
     running = [asyncio.create_task(exchange(port, good, timeout=30)) for _ in range(4)]
     await asyncio.wait_for(_until(lambda: up.received == 4), 10)
@@ -289,7 +298,7 @@ async def _until(cond: Any) -> None:
 def test_one_plain_request_is_recognised_only_when_whole_and_simple() -> None:
     """The raw-bytes refusal answers only what aiohttp's parser would read as one plain
     request; anything else is left to the parser."""
-    from proxy.http.transport import one_plain_request
+    from proxy.http.refusals import one_plain_request
 
     body = b'{"inputs": []}'
     keep = post("/v2/models/cancer/infer", body, close=False)
@@ -314,17 +323,10 @@ async def test_a_full_queue_refuses_from_the_raw_bytes(
     """With every slot taken and the queue full (8 per slot), the next request is answered 503
     from its bytes, before aiohttp builds it; the waiters are then served."""
     up, _, url = gated_upstream
-    versions = {"v3": f'{{ url = "{url}", timeout_ms = 30000 }}'}
-    config = limits_config(
-        tmp_path,
-        model_section(repo=model_repo, versions=versions, stable="v3"),
-        max_inflight=1,
-        adaptive=False,
-        queue_timeout_ms=20_000,
+    client, serving, good = await behind_gate(
+        start, tmp_path, model_repo, url, cancer_rows, 1, 20_000
     )
-    client, serving = await start(config)
     port = client.port
-    good = post("/v2/models/cancer/infer", orjson.dumps(infer_body(cancer_rows[:1])))
     server = client.server._data_server
     up.gate.clear()
     held = [asyncio.create_task(exchange(port, good, timeout=30))]

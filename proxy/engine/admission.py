@@ -1,6 +1,6 @@
 """Admission: how many requests run at once (a gradient limit), and who waits or is shed.
 
-Pure bookkeeping with the clock passed in: the data plane's connections (`http/transport.py`)
+Pure bookkeeping with the clock passed in: the data plane's connections (`http/connection.py`)
 call it before any request object exists, so that a refused request costs a parse and a canned
 answer, not a handler.
 
@@ -134,12 +134,21 @@ class Admission(Generic[T]):
             self._inflight += 1
             self.admitted_total += 1
             return True
-        if len(self._waiting) + len(self._patient) >= PARKED_PER_SLOT * self.limit.ceiling:
-            self.shed_total += 1
+        if self.full:
+            self.refuse()
             return None
         (self._patient if patient else self._waiting).append((now, ticket))
         self.waited_total += 1
         return False
+
+    @property
+    def full(self) -> bool:
+        """No room to wait: a request that finds no slot now is refused at once."""
+        return len(self._waiting) + len(self._patient) >= PARKED_PER_SLOT * self.limit.ceiling
+
+    def refuse(self) -> None:
+        """Count a request refused at once, without waiting (the queue full, or it came late)."""
+        self.shed_total += 1
 
     def take(self) -> None:
         """A slot past the limit and the queue (a drain answers every request received)."""

@@ -17,7 +17,7 @@ from proxy.errors import (
     RequestTimeoutError,
     UnsupportedEncodingError,
 )
-from proxy.http.transport import BodyTimeoutError
+from proxy.http.refusals import BodyTimeoutError
 
 try:  # brotli is optional (aiohttp's speedups extra); without it "br" is a 415
     import brotli  # type: ignore[import-untyped]

@@ -25,7 +25,8 @@ from proxy.errors import (
     ProxyError,
 )
 from proxy.http.body import read_body
-from proxy.http.transport import HEALTH_PREFIX, DataServer
+from proxy.http.connection import HEALTH_PREFIX
+from proxy.http.transport import DataServer
 from proxy.models.backends import Backend
 from proxy.monitoring.watch import Watch
 from proxy.protocol.codec import (
@@ -75,7 +76,7 @@ class DataPlane:
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         current = self._current
         limit = current.plan.config.limits.max_inflight
-        # Admission happened on the connection (http/transport.py); this catches what it lets
+        # Admission happened on the connection (http/connection.py); this catches what it lets
         # by: requests pipelined behind another on one connection. Probes are never shed.
         if current.inflight >= limit and not request.path.startswith(HEALTH_PREFIX):
             self._counters.shed()
