@@ -306,3 +306,66 @@ def test_the_baseline_is_measured_beside_single(throughput: ModuleType) -> None:
     assert order.index(("single@788b268", "c64")) == order.index(("single", "c64")) + 1
     assert order.index(("single@788b268", "c1")) == order.index(("single", "c1")) + 1
     assert [s.name for s in throughput.server_specs()] == [n for n in names if "@" not in n]
+
+
+def _overload_runs(*, shed_07: int, drift: float) -> dict[str, Any]:
+    """A passing overload run's figures, capacity 1,000 rps, with the 0.7 x run's sheds and the
+    capacity drift given."""
+
+    def open_run(goodput: float, p99: float, shed: int) -> dict[str, Any]:
+        return {
+            "goodput_rps": goodput,
+            "admitted_p50_ms": p99 / 4,
+            "admitted_p99_ms": p99,
+            "shed_p50_ms": 1.0,
+            "shed_p99_ms": 2.0,
+            "shed": shed,
+            "measured": 6000,
+            "max_connections": 256,
+            "sustained": True,
+            "errors": 0,
+            "health_max_ms": 5.0,
+            "health_failed": 0,
+            "rss_mb": 100.0,
+        }
+
+    def closed_run(conns: int) -> dict[str, Any]:
+        return {
+            "goodput_rps": 950.0,
+            "shed": 0,
+            "requests": 5700,
+            "p50_ms": conns / 1.0,
+            "p99_ms": 1.5 * conns,
+            "health_max_ms": 5.0,
+            "health_failed": 0,
+            "rss_mb": 100.0,
+        }
+
+    return {
+        "capacity_rps": 1000.0,
+        "capacity_after_rps": 1000.0 * drift,
+        "drift": drift,
+        "open": {
+            "0.7": open_run(700.0, 10.0, shed_07),
+            "2.0": open_run(900.0, 20.0, 6000),
+        },
+        "closed": {"64": closed_run(64), "1000": closed_run(1000)},
+        "r": {"c_served_us": 100.0, "2.0": 0.05, "3.0": 0.08},
+    }
+
+
+def test_overload_floors_need_a_quiet_reference_and_a_steady_machine() -> None:
+    overload = _bench_module("overload")
+    transcript = _bench_module("harness.transcript")
+    good = _overload_runs(shed_07=0, drift=1.02)
+    assert all(passed for _, _, _, passed in overload.floors(good))
+    assert overload.report(transcript.Transcript(), {"single": good})
+    # a 0.7 x run that itself shed is no unloaded reference: the p99 ratio is not judged
+    loaded = _overload_runs(shed_07=600, drift=1.0)
+    verdicts = {name: passed for name, _, _, passed in overload.floors(loaded)}
+    assert verdicts["open 2x: admitted p99 / p99 at 0.7x <= 3"] is None
+    assert not overload.report(transcript.Transcript(), {"single": loaded})
+    # the machine's speed moved 23% under the run: no verdict, whatever the figures
+    drifted = _overload_runs(shed_07=0, drift=0.77)
+    assert all(passed for _, _, _, passed in overload.floors(drifted))
+    assert not overload.report(transcript.Transcript(), {"single": drifted})
