@@ -37,6 +37,9 @@ DASHBOARD_MUST_SHOW = {
     "mlproxy_config_reloads_total",
     "mlproxy_rollout_status",
     "mlproxy_alerts_open",
+    "mlproxy_admission_limit",
+    "mlproxy_admission_waiting_requests",
+    "mlproxy_refused_connections_total",
 }
 
 METRIC_NAME = re.compile(r"(?<![A-Za-z0-9_:])(?:mlproxy|process)_[a-z0-9_]+")
