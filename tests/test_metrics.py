@@ -17,6 +17,7 @@ from proxy.engine.stats import LatencyHistogram, MirrorStats, VersionStats
 from proxy.http.metrics import MonitorCollector, ProxyCollector, render
 from proxy.http.snapshots import MonitorSnapshot, MonitorView, Snapshot, VersionView
 from proxy.models.backends import BackendKind
+from proxy.models.remote import UpstreamHealth
 from proxy.monitoring.drift import Judgement
 
 Sample = tuple[str, dict[str, str], float]
@@ -49,6 +50,44 @@ def _histogram(
     return [*out, (f"{name}_count", labels, counts[-1]), (f"{name}_sum", labels, total)]
 
 
+R1_HEALTH = UpstreamHealth(
+    url="http://127.0.0.1:9/v2/models/prices",
+    state="closed",
+    problem=None,
+    failures_in_a_row=0,
+    breaker_opened=0,
+    retry_in_s=None,
+    ejected=0,
+    retries=4,
+    retries_denied=1,
+)
+R2_HEALTH = UpstreamHealth(
+    url="http://127.0.0.1:9/v2/models/prices2",
+    state="open",
+    problem="timed out",
+    failures_in_a_row=5,
+    breaker_opened=2,
+    retry_in_s=1.5,
+    ejected=17,
+    retries=0,
+    retries_denied=0,
+)
+UPSTREAM_HELP = {
+    "mlproxy_version_available": "1 when the version can take traffic; 0 while a remote one is"
+    " unavailable (its metadata not answered) or ejected by its circuit breaker.",
+    "mlproxy_upstream_ejections": "Times a remote version's circuit breaker opened after failed"
+    " calls in a row.",
+    "mlproxy_upstream_refused_calls": "Calls to a remote version refused at once, the upstream"
+    " not called (unavailable or ejected); the request fell back to stable or was answered 503.",
+    "mlproxy_upstream_retries": "Retries after a failed connection to a remote version: granted,"
+    " or denied by the retry budget.",
+}
+UPSTREAM_EMPTY: dict[str, Any] = {
+    name: ("gauge" if name == "mlproxy_version_available" else "counter", help_, [])
+    for name, help_ in UPSTREAM_HELP.items()
+}
+
+
 def proxy_snapshot() -> Snapshot:
     """cancer/v1: onnx primary with batching; cancer/v2: onnx mirror with label agreement and
     float diffs; prices/r1: remote mirror that sent rows but compared none; prices/r2: remote,
@@ -79,8 +118,8 @@ def proxy_snapshot() -> Snapshot:
                 "cancer", "v1", onnx, 0.75, v1, batches=4, batch_rows=12, queue_depth=2, shed=1
             ),
             VersionView("cancer", "v2", onnx, 0.25, v2, fallbacks=3),
-            VersionView("prices", "r1", remote, 1.0, r1, fallbacks=1),
-            VersionView("prices", "r2", remote, 0.0, r2),
+            VersionView("prices", "r1", remote, 1.0, r1, fallbacks=1, upstream=R1_HEALTH),
+            VersionView("prices", "r2", remote, 0.0, r2, available=False, upstream=R2_HEALTH),
         ],
         inflight=3,
         shed=7,
@@ -392,6 +431,58 @@ PROXY_EXPECTED: dict[str, Family] = {
             ("mlproxy_fallbacks_total", {"model": "cancer", "version": "v2"}, 3),
             ("mlproxy_fallbacks_total", {"model": "prices", "version": "r1"}, 1),
             ("mlproxy_fallbacks_total", {"model": "prices", "version": "r2"}, 0),
+        ],
+    ),
+    "mlproxy_version_available": (
+        "gauge",
+        UPSTREAM_HELP["mlproxy_version_available"],
+        [
+            ("mlproxy_version_available", {"model": "cancer", "version": "v1"}, 1),
+            ("mlproxy_version_available", {"model": "cancer", "version": "v2"}, 1),
+            ("mlproxy_version_available", {"model": "prices", "version": "r1"}, 1),
+            ("mlproxy_version_available", {"model": "prices", "version": "r2"}, 0),
+        ],
+    ),
+    "mlproxy_upstream_ejections": (
+        "counter",
+        UPSTREAM_HELP["mlproxy_upstream_ejections"],
+        [
+            ("mlproxy_upstream_ejections_total", {"model": "prices", "version": "r1"}, 0),
+            ("mlproxy_upstream_ejections_total", {"model": "prices", "version": "r2"}, 2),
+        ],
+    ),
+    "mlproxy_upstream_refused_calls": (
+        "counter",
+        UPSTREAM_HELP["mlproxy_upstream_refused_calls"],
+        [
+            ("mlproxy_upstream_refused_calls_total", {"model": "prices", "version": "r1"}, 0),
+            ("mlproxy_upstream_refused_calls_total", {"model": "prices", "version": "r2"}, 17),
+        ],
+    ),
+    "mlproxy_upstream_retries": (
+        "counter",
+        UPSTREAM_HELP["mlproxy_upstream_retries"],
+        [
+            (
+                "mlproxy_upstream_retries_total",
+                {"model": "prices", "version": "r1", "outcome": "granted"},
+                4,
+            ),
+            (
+                "mlproxy_upstream_retries_total",
+                {"model": "prices", "version": "r1", "outcome": "denied"},
+                1,
+            ),
+            (
+                "mlproxy_upstream_retries_total",
+                {"model": "prices", "version": "r2", "outcome": "granted"},
+                0,
+            ),
+            (
+                "mlproxy_upstream_retries_total",
+                {"model": "prices", "version": "r2", "outcome": "denied"},
+                0,
+            ),
         ],
     ),
     "mlproxy_inflight_requests": (
@@ -973,6 +1064,7 @@ EMPTY_PROXY_EXPECTED: dict[str, Family] = {
         "Requests a version failed that the stable version answered instead.",
         [],
     ),
+    **UPSTREAM_EMPTY,
     "mlproxy_inflight_requests": (
         "gauge",
         "Requests being served now.",

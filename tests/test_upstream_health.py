@@ -245,6 +245,10 @@ async def test_an_unavailable_canary_or_green_gets_no_traffic(
     assert v3["upstream"]["ejected"] == fallbacks  # refused at once: the upstream never called
     metrics = await (await (await aiohttp_client(create_admin_app(serving))).get("/metrics")).text()
     assert f'mlproxy_fallbacks_total{{model="cancer",version="v3"}} {float(fallbacks)}' in metrics
+    assert 'mlproxy_version_available{model="cancer",version="v3"} 0.0' in metrics
+    assert 'mlproxy_version_available{model="cancer",version="v1"} 1.0' in metrics
+    refused = f'mlproxy_upstream_refused_calls_total{{model="cancer",version="v3"}} {float(fallbacks)}'
+    assert refused in metrics
     # a pinned request is not moved: 503 with Retry-After, saying why
     resp = await client.post(
         "/v2/models/cancer/versions/v3/infer", json=infer_body(cancer_rows[:1])
@@ -409,6 +413,10 @@ async def test_a_hung_canary_costs_a_bounded_number_of_requests(
     assert serving.counters.fallbacks_of(VersionKey("cancer", "v3")) == in_flight + 30
     doc = await status_of(aiohttp_client, serving)
     assert doc["models"]["cancer"]["versions"]["v3"]["upstream"]["state"] == "open"
+    metrics = await (await (await aiohttp_client(create_admin_app(serving))).get("/metrics")).text()
+    assert 'mlproxy_upstream_ejections_total{model="cancer",version="v3"} 1.0' in metrics
+    assert 'mlproxy_upstream_refused_calls_total{model="cancer",version="v3"} 30.0' in metrics
+    assert 'mlproxy_version_available{model="cancer",version="v3"} 0.0' in metrics
 
 
 async def test_a_half_open_trial_closes_the_breaker(upstream_on: Any, cancer_rows: Any) -> None:

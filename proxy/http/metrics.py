@@ -46,6 +46,7 @@ class ProxyCollector(_SnapshotCollector[Snapshot]):
         yield from _batching(snap.versions)
         yield from _shadow(snap.versions)
         yield _fallbacks(snap.versions)
+        yield from _upstreams(snap.versions)
         yield from _admission(snap)
         yield from _config_and_rollouts(snap)
 
@@ -148,6 +149,44 @@ def _fallbacks(versions: list[VersionView]) -> Metric:
     for v in versions:
         fallbacks.add_metric([v.model, v.version], v.fallbacks)
     return fallbacks
+
+
+def _upstreams(versions: list[VersionView]) -> Iterator[Metric]:
+    """Whether each version can take traffic, and each remote one's breaker and retries."""
+    available = GaugeMetricFamily(
+        "mlproxy_version_available",
+        "1 when the version can take traffic; 0 while a remote one is unavailable (its metadata"
+        " not answered) or ejected by its circuit breaker.",
+        labels=MV,
+    )
+    ejections = CounterMetricFamily(
+        "mlproxy_upstream_ejections",
+        "Times a remote version's circuit breaker opened after failed calls in a row.",
+        labels=MV,
+    )
+    refused = CounterMetricFamily(
+        "mlproxy_upstream_refused_calls",
+        "Calls to a remote version refused at once, the upstream not called (unavailable or"
+        " ejected); the request fell back to stable or was answered 503.",
+        labels=MV,
+    )
+    retries = CounterMetricFamily(
+        "mlproxy_upstream_retries",
+        "Retries after a failed connection to a remote version: granted, or denied by the retry"
+        " budget.",
+        labels=[*MV, "outcome"],
+    )
+    for v in versions:
+        lv = [v.model, v.version]
+        available.add_metric(lv, 1.0 if v.available else 0.0)
+        h = v.upstream
+        if h is None:
+            continue
+        ejections.add_metric(lv, h.breaker_opened)
+        refused.add_metric(lv, h.ejected)
+        retries.add_metric([*lv, "granted"], h.retries)
+        retries.add_metric([*lv, "denied"], h.retries_denied)
+    yield from (available, ejections, refused, retries)
 
 
 def _admission(snap: Snapshot) -> Iterator[Metric]:

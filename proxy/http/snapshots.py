@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from proxy.engine.stats import LatencyHistogram, VersionStats
 from proxy.models.backends import BackendKind
+from proxy.models.remote import UpstreamHealth
 from proxy.monitoring.drift import Judgement
 
 
@@ -24,6 +25,8 @@ class VersionView:
     queue_depth: int = 0
     shed: int = 0
     fallbacks: int = 0
+    available: bool = True
+    upstream: UpstreamHealth | None = None  # a remote version's health
 
 
 @dataclass(frozen=True, slots=True)

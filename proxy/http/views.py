@@ -86,6 +86,8 @@ def snapshot(serving: AdminState) -> Snapshot:
                     split.get(v, 0.0),
                     mp.stats[v],
                     fallbacks=counters.fallbacks_of(VersionKey(mp.name, v)),
+                    available=backend.available,
+                    upstream=backend.health(),
                     **extra,
                 )
             )
