@@ -247,7 +247,9 @@ async def test_an_unavailable_canary_or_green_gets_no_traffic(
     assert f'mlproxy_fallbacks_total{{model="cancer",version="v3"}} {float(fallbacks)}' in metrics
     assert 'mlproxy_version_available{model="cancer",version="v3"} 0.0' in metrics
     assert 'mlproxy_version_available{model="cancer",version="v1"} 1.0' in metrics
-    refused = f'mlproxy_upstream_refused_calls_total{{model="cancer",version="v3"}} {float(fallbacks)}'
+    refused = (
+        f'mlproxy_upstream_refused_calls_total{{model="cancer",version="v3"}} {float(fallbacks)}'
+    )
     assert refused in metrics
     # a pinned request is not moved: 503 with Retry-After, saying why
     resp = await client.post(
