@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 
 from aiohttp import web
 
@@ -52,6 +53,7 @@ async def serve(
         s, a = config.server, config.admin
         data_site = web.TCPSite(data_runner, s.host, s.port, backlog=2048)
         await data_site.start()
+        data_server.listen_on(_listening_fd(data_site))
         await web.TCPSite(admin_runner, a.host, a.port).start()
         if ready is not None:
             ready.set()  # both planes listen
@@ -67,6 +69,14 @@ async def serve(
         await admin_runner.cleanup()
         await serving.close()
     log.info("stopped")
+
+
+def _listening_fd(site: web.TCPSite) -> int:
+    """The data site's listening socket (aiohttp keeps the loop's server private)."""
+    sockets: list[socket.socket] = list(getattr(site._server, "sockets", None) or [])
+    if not sockets:
+        raise RuntimeError("the data plane's site has no listening socket")
+    return sockets[0].fileno()
 
 
 def _admin_http_log() -> logging.Logger:
@@ -126,6 +136,7 @@ async def _drain(
         serving.current.inflight,
         timeout_s,
     )
+    server.stop_accepting()
     await site.stop()  # closes the listening socket; open connections carry on
     server.start_drain()
     if draining is not None:

@@ -4,9 +4,11 @@ queue, the deadline measured from arrival, LIFO while shedding, and the gradient
 from __future__ import annotations
 
 from proxy.engine.admission import (
+    CODEL_INTERVAL_S,
+    CODEL_TARGET_S,
+    HELD_FACTOR,
     MIN_LIMIT,
     PARKED_PER_SLOT,
-    PATIENT_FACTOR,
     WINDOW,
     AdaptiveLimit,
     Admission,
@@ -93,20 +95,45 @@ def test_the_gradient_cuts_on_rising_latency_and_grows_while_used() -> None:
     assert off.limit == 100
 
 
-def test_a_patient_waiter_is_held_longer_and_keeps_its_place() -> None:
-    """A request resent at once after a 503 (closed loop) waits its turn PATIENT_FACTOR
-    deadlines."""
+def test_held_clients_wait_fifo_for_longer_and_are_never_served_lifo() -> None:
+    """Closed loop (the server says the clients are held): FIFO, HELD_FACTOR deadlines, and a
+    shed does not turn the queue LIFO (the oldest would starve behind resends)."""
     a = fixed(1)
+    a.held = True
     a.arrive("x", 0.0)
-    assert a.arrive("keen", 0.00, patient=True) is False
-    assert a.arrive("plain", 0.01) is False
-    run, shed = a.due(0.2)
-    assert (run, shed) == ([], ["plain"])  # past its 100 ms; the patient one is not
+    assert a.arrive("old", 0.00) is False and a.arrive("new", 0.05) is False
+    assert a.max_wait_s(0.2) == HELD_FACTOR * 0.1
+    assert a.due(0.2) == ([], [])  # past 100 ms, within 10 deadlines
     a.release(0.2)
-    run, shed = a.due(0.25)
-    assert (run, shed) == (["keen"], [])
-    assert a.arrive("late", 0.5, patient=True) is False
-    a.release(0.1)  # no slot freed before its deadlines passed
-    a.take()
-    assert a.due(0.5 + PATIENT_FACTOR * 0.1 - 0.01) == ([], [])
-    assert a.due(0.5 + PATIENT_FACTOR * 0.1 + 0.01) == ([], ["late"])
+    assert a.due(0.21) == (["old"], [])  # the oldest first
+    a.release(0.01)
+    a.take()  # (a slot taken elsewhere: the next waits)
+    assert a.arrive("later", 0.3) is False
+    assert a.due(0.05 + HELD_FACTOR * 0.1 + 0.001) == ([], ["new"])
+    assert not a.lifo
+
+
+def test_a_standing_queue_waits_codel_target_and_a_burst_the_deadline() -> None:
+    """Once the oldest waiter was older than CODEL_TARGET_S at every admission for a whole
+    CODEL_INTERVAL_S (a standing queue: open-loop overload), a request may wait only the
+    target; a queue that drains (a burst) keeps the deadline; a quiet spell resets it."""
+    a = fixed(1)
+    assert a.arrive("x", 0.0) is True
+    assert a.arrive("q0", 0.0) is False and a.arrive("q1", 0.0) is False
+    t, i = 0.0, 0
+    while not a.standing and i < 100:  # one slot, always two waiting, one served per 10 ms
+        t, i = t + 0.01, i + 1
+        a.release(0.01)
+        run, shed = a.due(t)
+        assert len(run) == 1 and shed == []
+        assert a.arrive(f"n{i}", t) is False
+    assert a.standing and i * 0.01 <= 2 * CODEL_INTERVAL_S + 0.011
+    assert a.max_wait_s(t) == CODEL_TARGET_S
+    assert a.max_wait_s(t + 3 * CODEL_INTERVAL_S) == 0.1  # stale: nothing admitted since
+    b = fixed(1)  # the same rate, but the queue drains at every admission: never standing
+    assert b.arrive("x", 0.0) is True
+    for k in range(30):
+        assert b.arrive(f"w{k}", 0.01 * k + 0.001) is False
+        b.release(0.01)
+        run, _ = b.due(0.01 * k + 0.003)  # each waits 2 ms, then the queue is empty
+        assert run == [f"w{k}"] and not b.standing

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import logging
+import socket
 import zlib
 from pathlib import Path
 from typing import Any
@@ -340,3 +341,58 @@ async def test_a_full_queue_refuses_from_the_raw_bytes(
     assert serving.counters.shed_total == 1
     up.gate.set()
     assert [status_of(r) for r in await asyncio.gather(*held)] == [200] * 9
+
+
+async def test_the_heartbeat_accepts_connections_from_the_listening_socket(
+    start: Any, tmp_path: Path, model_repo: Path
+) -> None:
+    """Past capacity the loop's own accept falls behind (DataServer.listen_on), so the
+    heartbeat takes new connections too. Here they come to a second listening socket the loop
+    does not watch at all: only the heartbeat can accept them. They are served like any other,
+    and once stop_accepting and the owner's close have run, the socket no longer listens."""
+    client, _ = await start(limits_config(tmp_path, model_section(repo=model_repo)))
+    data_server = client.server._data_server
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setblocking(False)
+    port = listener.getsockname()[1]
+    data_server.listen_on(listener.fileno())
+    # one keep-alive connection accepted by the loop keeps the heartbeat beating
+    r, w = await asyncio.open_connection("127.0.0.1", client.port)
+    w.write(GET_LIVE.replace(b"Connection: close\r\n", b""))
+    assert status_of(await asyncio.wait_for(r.readuntil(b'{"live":true}'), 5)) == 200
+    replies = await asyncio.gather(*(exchange(port, GET_LIVE) for _ in range(20)))
+    assert [status_of(reply) for reply in replies] == [200] * 20
+    data_server.stop_accepting()
+    listener.close()
+    with pytest.raises(OSError):
+        await asyncio.open_connection("127.0.0.1", port)
+    w.close()
+
+
+async def test_clients_are_held_while_every_connection_waits_and_released_when_more_open(
+    start: Any,
+    tmp_path: Path,
+    model_repo: Path,
+    gated_upstream: Any,
+    cancer_rows: Any,
+) -> None:
+    """Closed loop: every client connection has a request waiting and none are opening, so the
+    server holds them (FIFO, 10 deadlines) rather than refusing work that would come straight
+    back. Connections that keep opening mean load that does not wait for us: the hold ends at
+    once and is not tried again before its backoff."""
+    up, _, url = gated_upstream
+    client, _, good = await behind_gate(start, tmp_path, model_repo, url, cancer_rows, 4, 5000)
+    port = client.port
+    server = client.server._data_server
+    up.gate.clear()
+    busy = [asyncio.create_task(exchange(port, good, timeout=60)) for _ in range(12)]
+    await asyncio.wait_for(_until(lambda: server.admission.waiting == 8), 10)
+    assert not server.admission.held  # twelve connections just opened
+    await asyncio.wait_for(_until(lambda: server.admission.held), 10)  # then all quiet
+    opened = [await asyncio.open_connection("127.0.0.1", port) for _ in range(20)]
+    await asyncio.wait_for(_until(lambda: not server.admission.held), 10)
+    assert server._hold_after > server.clock()  # backoff: not held again at once
+    up.gate.set()
+    assert [status_of(reply) for reply in await asyncio.gather(*busy)] == [200] * 12
+    for _, w in opened:
+        w.close()

@@ -8,13 +8,20 @@ The physics it is built for (DESIGN section 8): past capacity, the loop saturate
 before any in-flight count grows, and a shed request is only as good as it is cheap. So:
 
 * a request that finds a free slot runs at once;
-* otherwise it waits, parsed but not built, in one queue for the whole process. Waiting costs
-  no CPU, so clients that resend at once (closed loop) queue fairly, FIFO, and are never
-  refused for work they already paid for as long as their wait stays under the deadline;
-* once a request has waited `deadline_s` since it arrived it is shed (503 + Retry-After), and
-  the queue turns LIFO until it empties: under an open-loop overload the newest requests, which
-  can still be answered in time, go first, and the oldest, already late, are the ones refused
-  (adaptive LIFO, as in Facebook's "Fail at Scale");
+* otherwise it waits, parsed but not built, in one queue for the whole process (waiting costs
+  no CPU). How long it may wait depends on who is sending, which the server tells it (`held`):
+  - **held** (closed loop): every client connection has a request waiting on us and no new
+    ones are opening, so the load is bounded by the clients' own connections and a refusal
+    only comes straight back (a resend costs CPU and buys nothing). By Little's law the wait is
+    connections / throughput whatever we do; the queue is FIFO and a request may wait
+    HELD_FACTOR x the deadline;
+  - otherwise (open loop: arrivals that do not wait for our answers) the queue is controlled
+    delay (CoDel, as Facebook's "Fail at Scale" applies it to server queues): a request may
+    wait `deadline_s`, but once, at every admission for a CODEL_INTERVAL_S, the oldest request
+    still waiting had waited more than CODEL_TARGET_S (a standing queue, not a burst) only
+    CODEL_TARGET_S. A request's
+    wait counts from when it arrived, which includes the loop's lateness in reading it. Once any request has been shed the queue turns LIFO until it empties: the
+    newest, which can still be answered in time, go first (adaptive LIFO);
 * the number of slots follows a gradient on admitted latency against its floor (as Envoy's
   adaptive concurrency and Netflix's concurrency-limits do): limit x min(1, tolerance x floor
   / recent latency) + sqrt(limit) while the limit is in use, smoothed, between `MIN_LIMIT` and
@@ -37,7 +44,9 @@ SMOOTHING = 0.2  # each update moves the limit this far toward its new value
 WINDOW = 64  # latency samples per update
 FLOOR_CREEP = 0.002  # the floor rises this share per window unless a lower latency is seen
 PARKED_PER_SLOT = 8  # waiting requests at most, per slot of the ceiling; past it, shed at once
-PATIENT_FACTOR = 10  # a request resent at once after a 503 waits up to this x the deadline
+HELD_FACTOR = 10  # while the clients are held (closed loop), a request waits this x the deadline
+CODEL_INTERVAL_S = 0.1  # the least wait over this long says whether the queue is standing
+CODEL_TARGET_S = 0.005  # the wait allowed in a standing queue (open loop)
 
 
 class AdaptiveLimit:
@@ -98,12 +107,13 @@ class Admission(Generic[T]):
         self.limit = limit
         self.deadline_s = deadline_s
         self._inflight = 0
-        # (arrived, ticket), oldest first: requests held to the deadline, and patient ones
-        # (resent at once after a 503: a closed-loop client), held to PATIENT_FACTOR x it
-        self._waiting: deque[tuple[float, T]] = deque()
-        self._patient: deque[tuple[float, T]] = deque()
+        self._waiting: deque[tuple[float, T]] = deque()  # (arrived, ticket), oldest first
         self._cancelled: set[T] = set()
         self._lifo = False
+        self._interval_end = 0.0  # CoDel: the current interval's end, its least wait so far,
+        self._least_wait_s = math.inf  # and whether the last one's least wait was over target
+        self._standing = False
+        self.held = False  # set by the server: the clients wait on us (closed loop)
         self.admitted_total = 0
         self.shed_total = 0
         self.waited_total = 0
@@ -114,7 +124,7 @@ class Admission(Generic[T]):
 
     @property
     def waiting(self) -> int:
-        return len(self._waiting) + len(self._patient) - len(self._cancelled)
+        return len(self._waiting) - len(self._cancelled)
 
     @property
     def lifo(self) -> bool:
@@ -125,26 +135,56 @@ class Admission(Generic[T]):
         self.limit.configure(ceiling=ceiling, adaptive=adaptive)
         self.deadline_s = deadline_s
 
-    def arrive(self, ticket: T, now: float, *, patient: bool = False) -> bool | None:
-        """True: run now (a slot is taken). False: wait; `due` hands it back. None: shed at once
-        (the queue is full). A patient ticket waits up to PATIENT_FACTOR x the deadline: a
-        client that resends at once gains nothing from another refusal, and each costs CPU
-        (closed loop: queue fairly, never refuse work that comes straight back)."""
-        if self._inflight < self.limit.limit and not self._waiting and not self._patient:
-            self._inflight += 1
-            self.admitted_total += 1
+    def max_wait_s(self, now: float) -> float:
+        """How long a request may wait for a slot now (see the module docstring)."""
+        if self.held:
+            return HELD_FACTOR * self.deadline_s
+        if self._standing and now < self._interval_end + CODEL_INTERVAL_S:
+            return min(self.deadline_s, CODEL_TARGET_S)
+        return self.deadline_s
+
+    @property
+    def standing(self) -> bool:
+        """Did every request admitted in the last CoDel interval wait past the target?"""
+        return self._standing
+
+    def _admitted(self, waited_s: float, now: float) -> None:
+        """A request took a slot after waiting `waited_s` since it arrived. What CoDel sees is
+        the oldest wait still queued behind it (LIFO serves the newest at once, so the served
+        one's own wait says nothing about a standing queue), or its own if none is."""
+        if self._waiting:
+            waited_s = max(waited_s, now - self._waiting[0][0])
+        self._inflight += 1
+        self.admitted_total += 1
+        if now >= self._interval_end:
+            late = now >= self._interval_end + CODEL_INTERVAL_S  # a quiet gap: start afresh
+            least = self._least_wait_s  # inf: none admitted in the interval (stuck, or idle)
+            stuck = least != math.inf or bool(self._waiting)
+            self._standing = not late and stuck and least > CODEL_TARGET_S
+            self._least_wait_s = math.inf
+            self._interval_end = now + CODEL_INTERVAL_S
+        if waited_s < self._least_wait_s:
+            self._least_wait_s = waited_s
+
+    def arrive(self, ticket: T, arrived: float, now: float | None = None) -> bool | None:
+        """A request that arrived at `arrived` (read at `now`, later when the loop was late):
+        True: run now (a slot is taken). False: wait; `due` hands it back. None: shed at once
+        (the queue is full)."""
+        if not self._waiting and self._inflight < self.limit.limit:
+            now = arrived if now is None else now
+            self._admitted(now - arrived, now)
             return True
         if self.full:
             self.refuse()
             return None
-        (self._patient if patient else self._waiting).append((now, ticket))
+        self._waiting.append((arrived, ticket))
         self.waited_total += 1
         return False
 
     @property
     def full(self) -> bool:
         """No room to wait: a request that finds no slot now is refused at once."""
-        return len(self._waiting) + len(self._patient) >= PARKED_PER_SLOT * self.limit.ceiling
+        return len(self._waiting) >= PARKED_PER_SLOT * self.limit.ceiling
 
     def refuse(self) -> None:
         """Count a request refused at once, without waiting (the queue full, or it came late)."""
@@ -164,62 +204,45 @@ class Admission(Generic[T]):
         self._inflight -= 1
         self.limit.sample(latency_s, self._inflight + 1)
 
-    def _expire(self, queue: deque[tuple[float, T]], oldest_ok: float, shed: list[T]) -> None:
-        cancelled = self._cancelled
+    def due(self, now: float) -> tuple[list[T], list[T]]:
+        """(tickets that may run now, each holding a slot; tickets past their deadline, to
+        refuse). Call after `release`, and from a timer while any ticket waits."""
+        shed: list[T] = []
+        queue, cancelled = self._waiting, self._cancelled
+        oldest_ok = now - self.max_wait_s(now)
         while queue and queue[0][0] <= oldest_ok:
             _, ticket = queue.popleft()
             if ticket in cancelled:
                 cancelled.discard(ticket)
                 continue
             shed.append(ticket)
-
-    def _next(self) -> T:
-        """The next ticket to run: the oldest (FIFO), or the newest while shedding (LIFO)."""
-        w, p = self._waiting, self._patient
-        if self._lifo:
-            q = w if not p or (w and w[-1][0] >= p[-1][0]) else p
-            return q.pop()[1]
-        q = w if not p or (w and w[0][0] <= p[0][0]) else p
-        return q.popleft()[1]
-
-    def due(self, now: float) -> tuple[list[T], list[T]]:
-        """(tickets that may run now, each holding a slot; tickets past their deadline, to
-        refuse). Call after `release`, and from a timer while any ticket waits."""
-        shed: list[T] = []
-        self._expire(self._waiting, now - self.deadline_s, shed)
-        self._expire(self._patient, now - PATIENT_FACTOR * self.deadline_s, shed)
         if shed:
             self.shed_total += len(shed)
-            self._lifo = True
+            self._lifo = not self.held
         run: list[T] = []
         limit = self.limit.limit
-        cancelled = self._cancelled
-        while (self._waiting or self._patient) and self._inflight < limit:
-            ticket = self._next()
+        while queue and self._inflight < limit:
+            arrived, ticket = queue.pop() if self._lifo else queue.popleft()
             if ticket in cancelled:
                 cancelled.discard(ticket)
                 continue
-            self._inflight += 1
-            self.admitted_total += 1
+            self._admitted(now - arrived, now)
             run.append(ticket)
-        if not self._waiting and not self._patient:
+        if not queue:
             self._lifo = False
             cancelled.clear()
         return run, shed
 
-    def oldest_wait_s(self, now: float) -> float:
-        """How long the waiter nearest its deadline has waited, as a share of a plain one's."""
-        heads = [now - self._waiting[0][0]] if self._waiting else []
-        if self._patient:
-            heads.append((now - self._patient[0][0]) / PATIENT_FACTOR)
-        return max(heads, default=0.0)
+    def next_due_s(self, now: float) -> float:
+        """Seconds until the oldest waiter passes its deadline (0 if it has)."""
+        if not self._waiting:
+            return 0.0
+        return max(self._waiting[0][0] + self.max_wait_s(now) - now, 0.0)
 
     def admit_all(self) -> list[T]:
         """Every waiting ticket, each given a slot past the limit (a drain answers them all)."""
-        both = sorted([*self._waiting, *self._patient], key=lambda item: item[0])
-        run = [t for _, t in both if t not in self._cancelled]
+        run = [t for _, t in self._waiting if t not in self._cancelled]
         self._waiting.clear()
-        self._patient.clear()
         self._cancelled.clear()
         self._inflight += len(run)
         self.admitted_total += len(run)

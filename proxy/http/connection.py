@@ -48,7 +48,6 @@ HEALTH_PREFIX = "/v2/health/"
 # A body up to this size is waited for before the request takes a slot (a stalled body then
 # holds no slot); a bigger one is admitted at its headers, as the reader's buffer would fill.
 HOLD_BODY_MAX = 1 << 16
-RESEND_WINDOW_S = 1.0  # a request this soon after its connection's 503 ignored Retry-After: 1
 Message = tuple[Any, StreamReader]
 
 
@@ -64,7 +63,7 @@ class DataProtocol(RequestHandler):
         "_held_body",
         "_server",
         "_slot_at",
-        "shed_at",
+        "seen",
     )
 
     def __init__(self, server: DataServer, **kwargs: Any) -> None:
@@ -77,7 +76,7 @@ class DataProtocol(RequestHandler):
         self._body_timer: asyncio.TimerHandle | None = None
         self._feeding = False  # inside aiohttp's parser (its callbacks must not wake anything)
         self._body_ready = False  # a held body completed while feeding
-        self.shed_at = -RESEND_WINDOW_S  # when this connection's last request was shed
+        self.seen = server.window  # the last regime window this connection sent bytes in
 
     # ---------------------------------------------------------------- connection
 
@@ -124,6 +123,7 @@ class DataProtocol(RequestHandler):
     def data_received(self, data: bytes) -> None:
         if self._force_close or self._close:
             return
+        self.seen = self._server.window
         if (
             self._server.refusing(self)
             and self._held is None
@@ -137,7 +137,6 @@ class DataProtocol(RequestHandler):
                 # Refused from the raw bytes: aiohttp's parser never builds this message
                 # (headers, URL, body reader), so a refusal costs little more than its write.
                 self._server.refuse_raw()
-                self.shed_at = self._server.clock()
                 if close:
                     self._write(FULL_CLOSE)
                     self.force_close()
@@ -192,6 +191,16 @@ class DataProtocol(RequestHandler):
                 payload.on_eof(self._on_body_eof)
                 return
         self._admit()
+
+    def spare(self, window: int) -> bool:
+        """Did this connection sit idle through regime window `window`: no bytes sent in it and
+        no request of its waiting or running (a client with room to send more)?"""
+        return (
+            self.seen < window
+            and self._held is None
+            and not self._request_in_progress
+            and not self._messages
+        )
 
     def _between(self) -> bool:
         """True when new bytes start a request (no request's body is being read)."""
@@ -255,7 +264,6 @@ class DataProtocol(RequestHandler):
         if not held:
             return
         msg, payload = held[0]
-        self.shed_at = self._server.clock()
         if self._server.draining or msg.should_close or not payload.is_eof():
             self._write(SHED_CLOSE if answer is SHED_KEEP else FULL_CLOSE)
             self.force_close()

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 from collections.abc import Awaitable, Callable
 from time import perf_counter
 from typing import Any
@@ -16,7 +18,7 @@ from proxy.config.schema import LimitsConfig
 from proxy.engine.admission import Admission
 from proxy.engine.counters import Counters, Refusal
 from proxy.engine.throttle import LogThrottle
-from proxy.http.connection import RESEND_WINDOW_S, DataProtocol
+from proxy.http.connection import DataProtocol
 from proxy.http.refusals import LOG_INTERVAL_S, REFUSALS, SHED_KEEP
 from proxy.runtime.current import Current
 
@@ -25,6 +27,21 @@ log = logging.getLogger("mlproxy")
 # request already on the wire when the drain began is answered (with Connection: close).
 DRAIN_IDLE_GRACE_S = 0.5
 HEARTBEAT_S = 0.005  # how often the loop's lateness is measured while connections are open
+# Are the clients held (closed loop: every connection waits on us, none opening)? Judged once a
+# window while requests wait. Held: at most SPARE_SHARE of the recently active connections sat
+# idle through the window, and no more than CHURN_MAX connections opened in each of the last
+# QUIET_WINDOWS windows (a client whose load does not wait for our answers opens more
+# connections when we are slow: open loop). More than CHURN_MAX opening in a window while held
+# ends the hold at once, and the next is not tried for HOLD_BACKOFF_S, doubling up to
+# HOLD_BACKOFF_MAX_S, until the queue empties.
+ACCEPT_BATCH = 256  # connections taken from the listening socket per heartbeat, at most
+REGIME_WINDOW_S = 0.1
+ACTIVE_WINDOWS = 10  # connections silent for longer are idle keep-alives, not clients now
+SPARE_SHARE = 0.25
+CHURN_MAX = 8
+QUIET_WINDOWS = 5
+HOLD_BACKOFF_S = 1.0
+HOLD_BACKOFF_MAX_S = 30.0
 
 
 class DataServer(web.Server):
@@ -60,6 +77,57 @@ class DataServer(web.Server):
         self._beat_handle: asyncio.TimerHandle | None = None
         self._all_closed = asyncio.Event()
         self._all_closed.set()
+        self.window = 0  # the regime window's number (connections note the last they sent in)
+        self._window_at = 0.0
+        self._accepts = 0  # connections opened in this window
+        self._quiet = 0  # windows in a row with at most CHURN_MAX connections opened
+        self._listen: socket.socket | None = None  # our own handle on the listening socket
+        self._accepting: set[asyncio.Task[Any]] = set()
+        self._hold_after = 0.0  # no hold before this (a hold ended by connections opening)
+        self._hold_backoff = HOLD_BACKOFF_S
+
+    def listen_on(self, fd: int) -> None:
+        """Also take new connections from the listening socket `fd` at every heartbeat.
+
+        Past capacity the loop's own accept falls behind: measured here, 1,000 new connections
+        took 4.2 s to be accepted under wrk -c256 against 0.5 s idle, the kernel's accept queue
+        (2,048) filled, and every connection past it lost its SYN and retried after 1, 3, 7 s:
+        health probes and new clients waited seconds behind busy ones. The heartbeat runs once
+        per loop iteration however many sockets are ready, so accepting there bounds how long a
+        new connection waits to about one iteration."""
+        sock = socket.socket(fileno=os.dup(fd))
+        sock.setblocking(False)
+        self._listen = sock
+
+    def stop_accepting(self) -> None:
+        """Close our handle on the listening socket (before the site closes its own: the
+        socket listens until every handle on it is closed)."""
+        sock, self._listen = self._listen, None
+        if sock is not None:
+            sock.close()
+
+    def _accept_pending(self, sock: socket.socket) -> None:
+        loop = self._loop
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, _ = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # out of file descriptors, or the socket closed under us
+                n = self.logs.hit("accept")
+                if n is not None:
+                    log.warning("accepting connections failed %d time(s): %s", n, exc)
+                return
+            conn.setblocking(False)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            task = loop.create_task(loop.connect_accepted_socket(self, conn))
+            self._accepting.add(task)
+            task.add_done_callback(self._accepted)
+
+    def _accepted(self, task: asyncio.Task[Any]) -> None:
+        self._accepting.discard(task)
+        if not task.cancelled():
+            task.exception()  # a client gone before its transport was made: nothing to serve
 
     def _beat(self) -> None:
         """Every HEARTBEAT_S while connections are open: how late the loop got to this timer,
@@ -73,6 +141,44 @@ class DataServer(web.Server):
             return
         self._beat_due = now + HEARTBEAT_S
         self._beat_handle = self._loop.call_later(HEARTBEAT_S, self._beat)
+        if self._listen is not None:
+            self._accept_pending(self._listen)
+        if now - self._window_at >= REGIME_WINDOW_S:
+            self._judge(now)
+        a = self.admission
+        if a.waiting and a.next_due_s(now) <= 0.0:
+            self._dispatch()  # a standing queue's shorter deadline passed before any timer
+
+    def _judge(self, now: float) -> None:
+        """Once a window: are the clients held? (see REGIME_WINDOW_S)"""
+        a = self.admission
+        window = self.window
+        accepts, self._accepts = self._accepts, 0
+        self.window += 1
+        self._window_at = now
+        self._quiet = self._quiet + 1 if accepts <= CHURN_MAX else 0
+        if not a.waiting:
+            a.held = False  # the overload, if any, is over
+            self._hold_backoff = HOLD_BACKOFF_S
+            return
+        spare = active = 0
+        recent = window - ACTIVE_WINDOWS
+        for conn in self._connections:
+            if isinstance(conn, DataProtocol) and conn.seen >= recent:
+                active += 1
+                spare += conn.spare(window)
+        saturated = spare <= SPARE_SHARE * active
+        if a.held and not saturated:
+            self._end_hold(churned=False)
+        elif not a.held and saturated and self._quiet >= QUIET_WINDOWS and now >= self._hold_after:
+            a.held = True
+
+    def _end_hold(self, *, churned: bool) -> None:
+        self.admission.held = False
+        if churned:
+            self._hold_after = self.clock() + self._hold_backoff
+            self._hold_backoff = min(2 * self._hold_backoff, HOLD_BACKOFF_MAX_S)
+        self._dispatch()  # the waiters' deadlines are the short ones again
 
     def __call__(self) -> DataProtocol:
         return DataProtocol(self, loop=self._loop, **self._kwargs)
@@ -98,6 +204,9 @@ class DataServer(web.Server):
     def opened(self) -> bool:
         """A connection was made; False if it is one past limits.max_connections."""
         self._open += 1
+        self._accepts += 1
+        if self.admission.held and self._accepts > CHURN_MAX:
+            self._end_hold(churned=True)
         self._all_closed.clear()
         if self._beat_handle is None:
             self._beat_due = self.clock() + HEARTBEAT_S
@@ -118,7 +227,7 @@ class DataServer(web.Server):
         a = self.admission
         if a.full:
             return True
-        return self.lag_s >= a.deadline_s and self.clock() - conn.shed_at > RESEND_WINDOW_S
+        return not a.held and self.lag_s >= a.max_wait_s(self.clock())
 
     def refuse_raw(self) -> None:
         self.admission.refuse()
@@ -130,18 +239,17 @@ class DataServer(web.Server):
         if self.draining:
             self.admission.take()  # a drain refuses nothing already received
             return True
+        a = self.admission
         lag = self.lag_s
         now = self.clock()
-        patient = now - conn.shed_at <= RESEND_WINDOW_S
-        if lag >= self.admission.deadline_s and not patient:
+        if not a.held and lag >= a.max_wait_s(now):
             # The loop was this late: the request sat unread in the socket for about as long,
             # past its deadline already. Refuse it now, for the price of a canned answer. Not
-            # when its connection was refused a moment ago: a client that resends at once
-            # (closed loop) would make each refusal a new arrival; it waits its turn instead.
-            self.admission.refuse()
+            # while the clients are held: each would resend at once, a new arrival.
+            a.refuse()
             self._count_shed()
             return None
-        verdict = self.admission.arrive(conn, now - lag, patient=patient)
+        verdict = a.arrive(conn, now - lag, now)
         if verdict is False:
             self._arm()
         elif verdict is None:
@@ -174,7 +282,7 @@ class DataServer(web.Server):
     def _arm(self) -> None:
         """A timer for the oldest waiter's deadline, in case no request finishes before it."""
         if self._timer is None:
-            wait = self.admission.deadline_s - self.admission.oldest_wait_s(self.clock())
+            wait = self.admission.next_due_s(self.clock())
             self._timer = self._loop.call_later(max(wait, 0.001), self._on_timer)
 
     def _on_timer(self) -> None:

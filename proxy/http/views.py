@@ -115,6 +115,8 @@ def _admission(serving: AdminState) -> dict[str, Any]:
         "running": a.inflight,
         "waiting": a.waiting,
         "lifo": a.lifo,
+        "held": a.held,
+        "standing": a.standing,
         "latency_ms": round(a.limit.long_latency_s * 1000, 3),
     }
 
