@@ -27,19 +27,21 @@ log = logging.getLogger("mlproxy")
 # request already on the wire when the drain began is answered (with Connection: close).
 DRAIN_IDLE_GRACE_S = 0.5
 HEARTBEAT_S = 0.005  # how often the loop's lateness is measured while connections are open
+ACCEPT_BATCH = 256  # connections taken from the listening socket per heartbeat, at most
 # Are the clients held (closed loop: every connection waits on us, none opening)? Judged once a
 # window while requests wait. Held: at most SPARE_SHARE of the recently active connections sat
-# idle through the window, and no more than CHURN_MAX connections opened in each of the last
-# QUIET_WINDOWS windows (a client whose load does not wait for our answers opens more
-# connections when we are slow: open loop). More than CHURN_MAX opening in a window while held
-# ends the hold at once, and the next is not tried for HOLD_BACKOFF_S, doubling up to
-# HOLD_BACKOFF_MAX_S, until the queue empties.
-ACCEPT_BATCH = 256  # connections taken from the listening socket per heartbeat, at most
+# idle through the window, and in each of the last QUIET_WINDOWS windows the connections opened
+# were at most CHURN_SHARE of the requests admitted (and CHURN_MIN): a client whose load does
+# not wait for our answers opens more connections when we hold it (open loop: about as many as
+# we are short of, per second), while a closed-loop client's last connections trickle in. More
+# opening than that in a window while held ends the hold at once, and the next is not tried for
+# HOLD_BACKOFF_S, doubling up to HOLD_BACKOFF_MAX_S, until the queue empties.
 REGIME_WINDOW_S = 0.1
 ACTIVE_WINDOWS = 10  # connections silent for longer are idle keep-alives, not clients now
 SPARE_SHARE = 0.25
-CHURN_MAX = 8
-QUIET_WINDOWS = 5
+CHURN_MIN = 8
+CHURN_SHARE = 0.1
+QUIET_WINDOWS = 2
 HOLD_BACKOFF_S = 1.0
 HOLD_BACKOFF_MAX_S = 30.0
 
@@ -80,7 +82,9 @@ class DataServer(web.Server):
         self.window = 0  # the regime window's number (connections note the last they sent in)
         self._window_at = 0.0
         self._accepts = 0  # connections opened in this window
-        self._quiet = 0  # windows in a row with at most CHURN_MAX connections opened
+        self._quiet = 0  # windows in a row with few connections opened (see CHURN_SHARE)
+        self._churn_limit = float(CHURN_MIN)  # connections per window that end a hold
+        self._admitted_mark = 0
         self._listen: socket.socket | None = None  # our own handle on the listening socket
         self._accepting: set[asyncio.Task[Any]] = set()
         self._hold_after = 0.0  # no hold before this (a hold ended by connections opening)
@@ -156,7 +160,10 @@ class DataServer(web.Server):
         accepts, self._accepts = self._accepts, 0
         self.window += 1
         self._window_at = now
-        self._quiet = self._quiet + 1 if accepts <= CHURN_MAX else 0
+        admitted = a.admitted_total - self._admitted_mark
+        self._admitted_mark = a.admitted_total
+        self._churn_limit = max(float(CHURN_MIN), CHURN_SHARE * admitted)
+        self._quiet = self._quiet + 1 if accepts <= self._churn_limit else 0
         if not a.waiting:
             a.held = False  # the overload, if any, is over
             self._hold_backoff = HOLD_BACKOFF_S
@@ -205,7 +212,7 @@ class DataServer(web.Server):
         """A connection was made; False if it is one past limits.max_connections."""
         self._open += 1
         self._accepts += 1
-        if self.admission.held and self._accepts > CHURN_MAX:
+        if self.admission.held and self._accepts > self._churn_limit:
             self._end_hold(churned=True)
         self._all_closed.clear()
         if self._beat_handle is None:
