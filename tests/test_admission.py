@@ -120,14 +120,15 @@ def test_a_standing_queue_waits_codel_target_and_a_burst_the_deadline() -> None:
     a = fixed(1)
     assert a.arrive("x", 0.0) is True
     assert a.arrive("q0", 0.0) is False and a.arrive("q1", 0.0) is False
+    step = 1.5 * CODEL_TARGET_S  # one slot, always two waiting, one served per step
     t, i = 0.0, 0
-    while not a.standing and i < 100:  # one slot, always two waiting, one served per 10 ms
-        t, i = t + 0.01, i + 1
-        a.release(0.01)
+    while not a.standing and i < 100:
+        t, i = t + step, i + 1
+        a.release(step)
         run, shed = a.due(t)
         assert len(run) == 1 and shed == []
         assert a.arrive(f"n{i}", t) is False
-    assert a.standing and i * 0.01 <= 2 * CODEL_INTERVAL_S + 0.011
+    assert a.standing and i * step <= 2 * CODEL_INTERVAL_S + step
     assert a.max_wait_s(t) == CODEL_TARGET_S
     assert a.max_wait_s(t + 3 * CODEL_INTERVAL_S) == 0.1  # stale: nothing admitted since
     b = fixed(1)  # the same rate, but the queue drains at every admission: never standing

@@ -46,7 +46,7 @@ FLOOR_CREEP = 0.002  # the floor rises this share per window unless a lower late
 PARKED_PER_SLOT = 8  # waiting requests at most, per slot of the ceiling; past it, shed at once
 HELD_FACTOR = 10  # while the clients are held (closed loop), a request waits this x the deadline
 CODEL_INTERVAL_S = 0.1  # the least wait over this long says whether the queue is standing
-CODEL_TARGET_S = 0.005  # the wait allowed in a standing queue (open loop)
+CODEL_TARGET_S = 0.010  # the wait allowed in a standing queue (open loop)
 
 
 class AdaptiveLimit:
