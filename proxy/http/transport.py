@@ -29,8 +29,9 @@ DRAIN_IDLE_GRACE_S = 0.5
 HEARTBEAT_S = 0.005  # how often the loop's lateness is measured while connections are open
 ACCEPT_BATCH = 256  # connections taken from the listening socket per heartbeat, at most
 # Are the clients held (closed loop: every connection waits on us, none opening)? Judged once a
-# window while requests wait. Held: at most SPARE_SHARE of the recently active connections sat
-# idle through the window, and in each of the last QUIET_WINDOWS windows the connections opened
+# window while requests wait or are refused. Held: at most SPARE_SHARE of the recently active
+# connections sat idle through the window, and in each of the last QUIET_WINDOWS windows the
+# connections opened
 # were at most CHURN_SHARE of the requests admitted (and CHURN_MIN): a client whose load does
 # not wait for our answers opens more connections when we hold it (open loop: about as many as
 # we are short of, per second), while a closed-loop client's last connections trickle in. More
@@ -41,7 +42,7 @@ ACTIVE_WINDOWS = 10  # connections silent for longer are idle keep-alives, not c
 SPARE_SHARE = 0.25
 CHURN_MIN = 8
 CHURN_SHARE = 0.1
-QUIET_WINDOWS = 2
+QUIET_WINDOWS = 1
 HOLD_BACKOFF_S = 1.0
 HOLD_BACKOFF_MAX_S = 30.0
 
@@ -85,6 +86,7 @@ class DataServer(web.Server):
         self._quiet = 0  # windows in a row with few connections opened (see CHURN_SHARE)
         self._churn_limit = float(CHURN_MIN)  # connections per window that end a hold
         self._admitted_mark = 0
+        self._shed_mark = 0
         self._listen: socket.socket | None = None  # our own handle on the listening socket
         self._accepting: set[asyncio.Task[Any]] = set()
         self._hold_after = 0.0  # no hold before this (a hold ended by connections opening)
@@ -164,10 +166,14 @@ class DataServer(web.Server):
         self._admitted_mark = a.admitted_total
         self._churn_limit = max(float(CHURN_MIN), CHURN_SHARE * admitted)
         self._quiet = self._quiet + 1 if accepts <= self._churn_limit else 0
-        if not a.waiting:
+        shed = a.shed_total - self._shed_mark
+        self._shed_mark = a.shed_total
+        if not a.waiting and not shed:
             a.held = False  # the overload, if any, is over
             self._hold_backoff = HOLD_BACKOFF_S
             return
+        # (a queue emptied by refusals is still an overload: closed-loop clients refused at
+        # once come straight back, and must be judged held)
         spare = active = 0
         recent = window - ACTIVE_WINDOWS
         for conn in self._connections:
