@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck unit bench install clean models debs
+.PHONY: run test lint typecheck unit bench overload wrk install clean models debs
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,9 +37,14 @@ unit: $(STAMP) debs
 
 test: lint typecheck unit
 
-bench: $(STAMP) models
+wrk:
 	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
+
+bench: $(STAMP) models wrk
 	$(BIN)/python bench/throughput.py
+
+overload: $(STAMP) models wrk
+	$(BIN)/python bench/overload.py
 
 clean:
 	rm -rf $(VENV) models .pytest_cache .mypy_cache .ruff_cache
