@@ -3,7 +3,9 @@ the exported metric names, and running `mlproxy serve` as a real process."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import inspect
 import queue
 import signal
 import socket
@@ -12,7 +14,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -265,3 +267,21 @@ class DataTestServer(BaseTestServer):
 
     async def _make_runner(self, **kwargs: Any) -> web.ServerRunner:
         return web.ServerRunner(self._data_server, **kwargs)
+
+
+async def until(
+    condition: Callable[[], Any], what: str, *, timeout: float = 10.0, every_s: float = 0.005
+) -> None:
+    """Poll `condition` (plain or async) every `every_s` until it holds; fail at the deadline
+    (a bounded poll, not a sleep standing in for synchronisation)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        result = condition()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return
+        if loop.time() > deadline:
+            pytest.fail(f"not within {timeout} s: {what}", pytrace=False)
+        await asyncio.sleep(every_s)

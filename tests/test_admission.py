@@ -12,6 +12,7 @@ from proxy.engine.admission import (
     WINDOW,
     AdaptiveLimit,
     Admission,
+    Hold,
 )
 
 
@@ -138,3 +139,44 @@ def test_a_standing_queue_waits_codel_target_and_a_burst_the_deadline() -> None:
         b.release(0.01)
         run, _ = b.due(0.01 * k + 0.003)  # each waits 2 ms, then the queue is empty
         assert run == [f"w{k}"] and not b.standing
+
+
+def test_a_hold_needs_busy_connections_and_few_opening_and_ends_when_more_open() -> None:
+    """The hold's judgement on the server's counts: idle connections or connections opening
+    (more than 10% of the window's admissions, and 8) keep it off; connections opening while
+    held end it, and the next waits out a doubling backoff; an empty queue resets it."""
+    a = fixed(4)
+    hold = Hold(a)
+    busy = lambda: (0, 100)  # noqa: E731  (no idle connection of 100 active)
+    for _ in range(4):
+        a.arrive(object(), 0.0)
+    a.arrive("w", 0.0)  # one waits
+    for _ in range(20):
+        hold.opened(0.0)  # a burst of connections in the first window
+    hold.judge(0.1, busy)
+    assert not a.held  # they were opening
+    hold.judge(0.2, lambda: (30, 100))
+    assert not a.held  # 30% of them idle: the clients could send more
+    hold.judge(0.3, busy)
+    assert a.held
+    for _ in range(9):
+        hold.opened(0.35)
+    assert not a.held and hold.not_before == 1.35  # 9 > 8 opened: open loop; back off 1 s
+    hold.judge(0.4, busy)
+    assert not a.held
+    hold.judge(1.4, busy)
+    assert a.held
+    for _ in range(9):
+        hold.opened(1.45)
+    assert hold.not_before == 1.45 + 2.0  # doubled
+    a.release(0.01)
+    assert a.due(1.5) == ([], ["w"])  # not held: past its 100 ms
+    hold.judge(1.6, busy)  # (a shed in the window: still an overload)
+    hold.judge(1.7, busy)  # no queue and nothing shed: over
+    assert a.arrive("x", 1.7) is True and a.arrive("y", 1.7) is False
+    hold.judge(3.5, busy)
+    hold.judge(3.6, busy)
+    assert a.held
+    for _ in range(9):
+        hold.opened(3.65)
+    assert hold.not_before == 3.65 + 1.0  # the empty queue reset the backoff

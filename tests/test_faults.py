@@ -11,7 +11,7 @@ import hashlib
 import random
 import signal
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ from onnx import TensorProto, helper, numpy_helper
 from proxy.runtime.serving import close_serving, create_serving
 from proxy.runtime.state import AuditLog, Writer
 
-from .helpers import BASE_CONFIG, free_port, infer_body, model_section
+from .helpers import BASE_CONFIG, free_port, infer_body, model_section, until
 from .upstream import start_dying_upstream
 
 START_TIMEOUT_S = 60.0  # importing onnxruntime and scipy on a busy 2-core box takes seconds
@@ -152,19 +152,6 @@ async def status_of(http: aiohttp.ClientSession, proxy: Proxy) -> dict[str, Any]
         return doc
 
 
-async def poll(check: Callable[[], Awaitable[bool]], *, what: str, timeout: float = 30.0) -> None:
-    """Ask `check` until it says yes; fail at the deadline (a bounded poll, not a sleep)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    for _ in range(10_000):
-        if await check():
-            return
-        if loop.time() > deadline:
-            break
-        await asyncio.sleep(0.05)  # the poll interval
-    pytest.fail(f"{what}: not within {timeout} s")
-
-
 async def infer(
     http: aiohttp.ClientSession, url: str, body: bytes, **headers: str
 ) -> tuple[int, dict[str, str], bytes]:
@@ -227,7 +214,7 @@ async def test_kill_9_mid_rollout_under_load_then_restart_restores_the_weights(
             seen.append(rollout["weight"])
             return bool(rollout["weight"] >= 40)
 
-        await poll(mid_way, what="the rollout reaching 40%", timeout=60)
+        await until(mid_way, "the rollout reaching 40%", timeout=60, every_s=0.05)
         proxy.proc.kill()  # SIGKILL, with the load running
         assert await asyncio.wait_for(proxy.proc.wait(), timeout=10) == -signal.SIGKILL
         await asyncio.wait_for(asyncio.gather(*users), timeout=30)

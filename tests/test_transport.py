@@ -19,7 +19,7 @@ import pytest
 from proxy.config.load import load_config
 from proxy.engine.counters import Refusal
 
-from .helpers import BASE_CONFIG, infer_body, model_section
+from .helpers import BASE_CONFIG, infer_body, model_section, until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -223,11 +223,11 @@ async def test_a_request_past_the_limit_waits_then_is_shed_canned_and_health_is_
     port = client.port
     up.gate.clear()
     running = [asyncio.create_task(exchange(port, good, timeout=30)) for _ in range(4)]
-    await asyncio.wait_for(_until(lambda: up.received == 4), 10)
+    await until(lambda: up.received == 4, "up.received == 4")
     # the fifth waits (parsed, not built) and is shed at its deadline with the canned 503
     server = client.server._data_server
     waiting = asyncio.create_task(exchange(port, good))
-    await asyncio.wait_for(_until(lambda: server.admission.waiting == 1), 10)
+    await until(lambda: server.admission.waiting == 1, "server.admission.waiting == 1")
     # probes are answered at once while every slot is taken and a request waits
     assert status_of(await exchange(port, GET_LIVE)) == 200
     reply = await waiting
@@ -239,9 +239,9 @@ async def test_a_request_past_the_limit_waits_then_is_shed_canned_and_health_is_
     # a slot freed by an answer goes to the next waiter, in order, without a shed
     up.gate.clear()
     running = [asyncio.create_task(exchange(port, good, timeout=30)) for _ in range(4)]
-    await asyncio.wait_for(_until(lambda: up.received == 8), 10)
+    await until(lambda: up.received == 8, "up.received == 8")
     waiting = asyncio.create_task(exchange(port, good, timeout=30))
-    await asyncio.wait_for(_until(lambda: server.admission.waiting == 1), 10)
+    await until(lambda: server.admission.waiting == 1, "server.admission.waiting == 1")
     up.gate.set()
     assert status_of(await waiting) == 200
     await asyncio.gather(*running)
@@ -274,9 +274,9 @@ async def test_malformed_http_is_a_json_400_and_the_log_keeps_no_client_bytes(
         w.write(post("/v2/models/cancer/infer", b"y" * 150_000)[:-140_000])
         await w.drain()
         w.close()
-        await asyncio.wait_for(
-            _until(lambda: serving.counters.refused_counts()[Refusal.CLIENT_DISCONNECTED] == 1),
-            10,
+        await until(
+            lambda: serving.counters.refused_counts()[Refusal.CLIENT_DISCONNECTED] == 1,
+            "the disconnect counted",
         )
     text = "\n".join(
         f"{r.getMessage()} {r.exc_text or ''} {r.exc_info or ''}" for r in caplog.records
@@ -289,11 +289,6 @@ async def test_malformed_http_is_a_json_400_and_the_log_keeps_no_client_bytes(
     assert serving.counters.refused_counts()[Refusal.MALFORMED_HTTP] == 4
     good = post("/v2/models/cancer/infer", orjson.dumps(infer_body(cancer_rows[:1])))
     assert status_of(await exchange(port, good)) == 200
-
-
-async def _until(cond: Any) -> None:
-    while not cond():
-        await asyncio.sleep(0.005)
 
 
 def test_one_plain_request_is_recognised_only_when_whole_and_simple() -> None:
@@ -331,9 +326,9 @@ async def test_a_full_queue_refuses_from_the_raw_bytes(
     server = client.server._data_server
     up.gate.clear()
     held = [asyncio.create_task(exchange(port, good, timeout=30))]
-    await asyncio.wait_for(_until(lambda: up.received == 1), 10)
+    await until(lambda: up.received == 1, "up.received == 1")
     held += [asyncio.create_task(exchange(port, good, timeout=30)) for _ in range(8)]
-    await asyncio.wait_for(_until(lambda: server.admission.waiting == 8), 10)
+    await until(lambda: server.admission.waiting == 8, "server.admission.waiting == 8")
     reply = await exchange(port, good)
     assert (
         status_of(reply) == 503 and b"Retry-After: 1" in reply and b"could not be admitted" in reply
@@ -386,12 +381,12 @@ async def test_clients_are_held_while_every_connection_waits_and_released_when_m
     server = client.server._data_server
     up.gate.clear()
     busy = [asyncio.create_task(exchange(port, good, timeout=60)) for _ in range(12)]
-    await asyncio.wait_for(_until(lambda: server.admission.waiting == 8), 10)
+    await until(lambda: server.admission.waiting == 8, "server.admission.waiting == 8")
     assert not server.admission.held  # twelve connections just opened
-    await asyncio.wait_for(_until(lambda: server.admission.held), 10)  # then all quiet
+    await until(lambda: server.admission.held, "server.admission.held")  # then all quiet
     opened = [await asyncio.open_connection("127.0.0.1", port) for _ in range(20)]
-    await asyncio.wait_for(_until(lambda: not server.admission.held), 10)
-    assert server._hold_after > server.clock()  # backoff: not held again at once
+    await until(lambda: not server.admission.held, "not server.admission.held")
+    assert server.hold.not_before > server.clock()  # backoff: not held again at once
     up.gate.set()
     assert [status_of(reply) for reply in await asyncio.gather(*busy)] == [200] * 12
     for _, w in opened:

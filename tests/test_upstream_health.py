@@ -28,7 +28,7 @@ from proxy.models.remote import (
 )
 from proxy.runtime.serving import Serving, close_serving, create_serving
 
-from .helpers import infer_body, model_section
+from .helpers import infer_body, model_section, until
 from .upstream import GatedUpstream, down_url, start_metadata_only, start_upstream
 
 
@@ -149,15 +149,6 @@ async def status_of(aiohttp_client: Any, serving: Serving) -> dict[str, Any]:
     assert resp.status == 200
     doc: dict[str, Any] = await resp.json()
     return doc
-
-
-async def until(condition: Callable[[], Any], what: str, timeout: float = 10.0) -> None:
-    """Poll `condition` (an async step each time round) until it holds or the deadline passes."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not await condition():
-        if loop.time() > deadline:
-            pytest.fail(f"not within {timeout} s: {what}")
 
 
 # ------------------------------------------------------------------ unavailable at load
@@ -441,7 +432,7 @@ async def test_a_half_open_trial_closes_the_breaker(upstream_on: Any, cancer_row
             assert up.received == 1 + BREAKER_FAILURES and not backend.available
             clock.now += BREAKER_PAUSE_S
             trial = asyncio.ensure_future(backend.infer(rows))
-            await until(_async(lambda: up.received == 2 + BREAKER_FAILURES), "the trial arrives")
+            await until(lambda: up.received == 2 + BREAKER_FAILURES, "the trial arrives")
             with pytest.raises(UpstreamUnavailableError):
                 await backend.infer(rows)  # one trial at a time
             up.gate.set()
@@ -450,14 +441,6 @@ async def test_a_half_open_trial_closes_the_breaker(upstream_on: Any, cancer_row
             assert (await backend.infer(rows))["label"].shape == (2,)
         finally:
             await backend.close()
-
-
-def _async(check: Callable[[], bool]) -> Callable[[], Any]:
-    async def step() -> bool:
-        await asyncio.sleep(0)  # let the other tasks run one step between checks
-        return check()
-
-    return step
 
 
 async def test_retries_are_budgeted_under_an_upstream_that_refuses_connections(

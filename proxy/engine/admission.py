@@ -33,8 +33,8 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Hashable
-from typing import Generic, TypeVar
+from collections.abc import Callable, Hashable
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T", bound=Hashable)
 
@@ -247,3 +247,67 @@ class Admission(Generic[T]):
         self._inflight += len(run)
         self.admitted_total += len(run)
         return run
+
+
+# Are the clients held (closed loop: every connection waits on us, none opening)? Judged once a
+# window while requests wait or are refused. Held: at most SPARE_SHARE of the connections active
+# in the last ACTIVE_WINDOWS sat idle through the window, and in the last window the connections
+# opened were at most CHURN_SHARE of the requests admitted (and CHURN_MIN). A client whose load
+# does not wait for our answers opens more connections when we hold it (open loop: about as
+# many as we are short of), while a closed-loop client's last connections trickle in. More
+# opening than that while held ends the hold at once, and the next is not tried for
+# HOLD_BACKOFF_S, doubling up to HOLD_BACKOFF_MAX_S, until the queue empties.
+REGIME_WINDOW_S = 0.1
+ACTIVE_WINDOWS = 10  # connections silent for longer are idle keep-alives, not clients now
+SPARE_SHARE = 0.25
+CHURN_MIN = 8
+CHURN_SHARE = 0.1
+HOLD_BACKOFF_S = 1.0
+HOLD_BACKOFF_MAX_S = 30.0
+
+
+class Hold:
+    """Sets `admission.held` from what the server counts (see REGIME_WINDOW_S). Pure, with the
+    clock passed in; when a hold ends, the waiters' shorter deadlines apply from the server's
+    next dispatch."""
+
+    def __init__(self, admission: Admission[Any]) -> None:
+        self.admission = admission
+        self._accepts = 0  # connections opened in this window
+        self._churn_limit = float(CHURN_MIN)  # connections per window that end a hold
+        self._quiet = False  # the last window opened no more than that
+        self._admitted_mark = 0
+        self._shed_mark = 0
+        self.not_before = 0.0  # no hold before this (a hold ended by connections opening)
+        self._backoff = HOLD_BACKOFF_S
+
+    def opened(self, now: float) -> None:
+        """A connection was made."""
+        self._accepts += 1
+        if self.admission.held and self._accepts > self._churn_limit:
+            self.not_before = now + self._backoff
+            self._backoff = min(2 * self._backoff, HOLD_BACKOFF_MAX_S)
+            self.admission.held = False
+
+    def judge(self, now: float, census: Callable[[], tuple[int, int]]) -> None:
+        """End of a window; `census()` counts (connections that sat idle through it, connections
+        active in the last ACTIVE_WINDOWS), asked only while requests wait or were refused."""
+        a = self.admission
+        admitted = a.admitted_total - self._admitted_mark
+        shed = a.shed_total - self._shed_mark
+        self._admitted_mark, self._shed_mark = a.admitted_total, a.shed_total
+        self._churn_limit = max(float(CHURN_MIN), CHURN_SHARE * admitted)
+        self._quiet = self._accepts <= self._churn_limit
+        self._accepts = 0
+        if not a.waiting and not shed:
+            a.held = False  # the overload, if any, is over
+            self._backoff = HOLD_BACKOFF_S
+            return
+        # (a queue emptied by refusals is still an overload: closed-loop clients refused at
+        # once come straight back, and must be judged held)
+        spare, active = census()
+        saturated = spare <= SPARE_SHARE * active
+        if a.held and not saturated:
+            a.held = False
+        elif not a.held and saturated and self._quiet and now >= self.not_before:
+            a.held = True

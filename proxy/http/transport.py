@@ -15,7 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from proxy.config.schema import LimitsConfig
-from proxy.engine.admission import Admission
+from proxy.engine.admission import ACTIVE_WINDOWS, REGIME_WINDOW_S, Admission, Hold
 from proxy.engine.counters import Counters, Refusal
 from proxy.engine.throttle import LogThrottle
 from proxy.http.connection import DataProtocol
@@ -26,25 +26,11 @@ log = logging.getLogger("mlproxy")
 # On drain, an idle keep-alive connection is closed after this long without a new request: a
 # request already on the wire when the drain began is answered (with Connection: close).
 DRAIN_IDLE_GRACE_S = 0.5
-HEARTBEAT_S = 0.005  # how often the loop's lateness is measured while connections are open
+# While connections are open, a heartbeat this often measures how late the loop runs, accepts
+# new connections, judges the hold once a window and sheds waiters past their deadline (the
+# only timer for them: a deadline is met to within one beat)
+HEARTBEAT_S = 0.005
 ACCEPT_BATCH = 256  # connections taken from the listening socket per heartbeat, at most
-# Are the clients held (closed loop: every connection waits on us, none opening)? Judged once a
-# window while requests wait or are refused. Held: at most SPARE_SHARE of the recently active
-# connections sat idle through the window, and in each of the last QUIET_WINDOWS windows the
-# connections opened
-# were at most CHURN_SHARE of the requests admitted (and CHURN_MIN): a client whose load does
-# not wait for our answers opens more connections when we hold it (open loop: about as many as
-# we are short of, per second), while a closed-loop client's last connections trickle in. More
-# opening than that in a window while held ends the hold at once, and the next is not tried for
-# HOLD_BACKOFF_S, doubling up to HOLD_BACKOFF_MAX_S, until the queue empties.
-REGIME_WINDOW_S = 0.1
-ACTIVE_WINDOWS = 10  # connections silent for longer are idle keep-alives, not clients now
-SPARE_SHARE = 0.25
-CHURN_MIN = 8
-CHURN_SHARE = 0.1
-QUIET_WINDOWS = 1
-HOLD_BACKOFF_S = 1.0
-HOLD_BACKOFF_MAX_S = 30.0
 
 
 class DataServer(web.Server):
@@ -73,24 +59,17 @@ class DataServer(web.Server):
         self.logs = LogThrottle(LOG_INTERVAL_S, clock)
         self.draining = False
         self._limits = limits
-        self._timer: asyncio.TimerHandle | None = None
         self._open = 0
         self.lag_s = 0.0  # the loop's lateness at the last heartbeat
         self._beat_due = 0.0
         self._beat_handle: asyncio.TimerHandle | None = None
         self._all_closed = asyncio.Event()
         self._all_closed.set()
-        self.window = 0  # the regime window's number (connections note the last they sent in)
+        self.hold = Hold(admission)
+        self.window = 0  # the hold's window number (connections note the last they sent in)
         self._window_at = 0.0
-        self._accepts = 0  # connections opened in this window
-        self._quiet = 0  # windows in a row with few connections opened (see CHURN_SHARE)
-        self._churn_limit = float(CHURN_MIN)  # connections per window that end a hold
-        self._admitted_mark = 0
-        self._shed_mark = 0
         self._listen: socket.socket | None = None  # our own handle on the listening socket
         self._accepting: set[asyncio.Task[Any]] = set()
-        self._hold_after = 0.0  # no hold before this (a hold ended by connections opening)
-        self._hold_backoff = HOLD_BACKOFF_S
 
     def listen_on(self, fd: int) -> None:
         """Also take new connections from the listening socket `fd` at every heartbeat.
@@ -150,48 +129,23 @@ class DataServer(web.Server):
         if self._listen is not None:
             self._accept_pending(self._listen)
         if now - self._window_at >= REGIME_WINDOW_S:
-            self._judge(now)
+            window = self.window
+            self.window += 1
+            self._window_at = now
+            self.hold.judge(now, lambda: self._census(window))
         a = self.admission
         if a.waiting and a.next_due_s(now) <= 0.0:
-            self._dispatch()  # a standing queue's shorter deadline passed before any timer
+            self._dispatch()  # the oldest waiter's deadline passed (the only timer for it)
 
-    def _judge(self, now: float) -> None:
-        """Once a window: are the clients held? (see REGIME_WINDOW_S)"""
-        a = self.admission
-        window = self.window
-        accepts, self._accepts = self._accepts, 0
-        self.window += 1
-        self._window_at = now
-        admitted = a.admitted_total - self._admitted_mark
-        self._admitted_mark = a.admitted_total
-        self._churn_limit = max(float(CHURN_MIN), CHURN_SHARE * admitted)
-        self._quiet = self._quiet + 1 if accepts <= self._churn_limit else 0
-        shed = a.shed_total - self._shed_mark
-        self._shed_mark = a.shed_total
-        if not a.waiting and not shed:
-            a.held = False  # the overload, if any, is over
-            self._hold_backoff = HOLD_BACKOFF_S
-            return
-        # (a queue emptied by refusals is still an overload: closed-loop clients refused at
-        # once come straight back, and must be judged held)
+    def _census(self, window: int) -> tuple[int, int]:
+        """(connections idle through `window`, connections active in the last ACTIVE_WINDOWS)."""
         spare = active = 0
         recent = window - ACTIVE_WINDOWS
         for conn in self._connections:
             if isinstance(conn, DataProtocol) and conn.seen >= recent:
                 active += 1
                 spare += conn.spare(window)
-        saturated = spare <= SPARE_SHARE * active
-        if a.held and not saturated:
-            self._end_hold(churned=False)
-        elif not a.held and saturated and self._quiet >= QUIET_WINDOWS and now >= self._hold_after:
-            a.held = True
-
-    def _end_hold(self, *, churned: bool) -> None:
-        self.admission.held = False
-        if churned:
-            self._hold_after = self.clock() + self._hold_backoff
-            self._hold_backoff = min(2 * self._hold_backoff, HOLD_BACKOFF_MAX_S)
-        self._dispatch()  # the waiters' deadlines are the short ones again
+        return spare, active
 
     def __call__(self) -> DataProtocol:
         return DataProtocol(self, loop=self._loop, **self._kwargs)
@@ -217,9 +171,7 @@ class DataServer(web.Server):
     def opened(self) -> bool:
         """A connection was made; False if it is one past limits.max_connections."""
         self._open += 1
-        self._accepts += 1
-        if self.admission.held and self._accepts > self._churn_limit:
-            self._end_hold(churned=True)
+        self.hold.opened(self.clock())
         self._all_closed.clear()
         if self._beat_handle is None:
             self._beat_due = self.clock() + HEARTBEAT_S
@@ -263,9 +215,7 @@ class DataServer(web.Server):
             self._count_shed()
             return None
         verdict = a.arrive(conn, now - lag, now)
-        if verdict is False:
-            self._arm()
-        elif verdict is None:
+        if verdict is None:
             self._count_shed()
         return verdict
 
@@ -289,18 +239,6 @@ class DataServer(web.Server):
         for conn in shed:
             conn.shed(SHED_KEEP)
             self._count_shed()
-        if self.admission.waiting:
-            self._arm()
-
-    def _arm(self) -> None:
-        """A timer for the oldest waiter's deadline, in case no request finishes before it."""
-        if self._timer is None:
-            wait = self.admission.next_due_s(self.clock())
-            self._timer = self._loop.call_later(max(wait, 0.001), self._on_timer)
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        self._dispatch()
 
     def _count_shed(self) -> None:
         self.counters.shed()
