@@ -14,7 +14,8 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.engine.stats import LatencyHistogram, MirrorStats, VersionStats
-from proxy.http.metrics import MonitorCollector, ProxyCollector, render
+from proxy.http.metrics import ProxyCollector, render
+from proxy.http.monitor_metrics import MonitorCollector
 from proxy.http.snapshots import MonitorSnapshot, MonitorView, Snapshot, VersionView
 from proxy.models.backends import BackendKind
 from proxy.models.remote import UpstreamHealth
