@@ -1,5 +1,5 @@
 """Admission's bookkeeping, driven by its step methods with the clock passed in: slots, the FIFO
-queue, the deadline measured from arrival, LIFO while shedding, and the gradient limit."""
+queue, the deadline measured from arrival, LIFO while shedding, and the lag-driven limit."""
 
 from __future__ import annotations
 
@@ -7,9 +7,11 @@ from proxy.engine.admission import (
     CODEL_INTERVAL_S,
     CODEL_TARGET_S,
     HELD_FACTOR,
+    LAG_BACKOFF,
+    LAG_TARGET_S,
     MIN_LIMIT,
     PARKED_PER_SLOT,
-    WINDOW,
+    START_LIMIT,
     AdaptiveLimit,
     Admission,
     Hold,
@@ -73,27 +75,50 @@ def test_a_full_queue_sheds_at_once() -> None:
     assert a.arrive("late", 0.0) is None and a.shed_total == 1
 
 
-def test_the_gradient_cuts_on_rising_latency_and_grows_while_used() -> None:
+def run_windows(
+    lim: AdaptiveLimit, n: int, *, lag_s: float, inflight: int | None, held: bool
+) -> None:
+    """n windows of 20 heartbeats at `lag_s`, each with one answer at `inflight` (None: the
+    limit, i.e. fully used)."""
+    for _ in range(n):
+        for _ in range(20):
+            lim.beat(lag_s)
+        lim.sample(0.002, inflight=lim.limit if inflight is None else inflight)
+        lim.window(held=held)
+
+
+def test_the_limit_cuts_on_loop_lag_in_open_loop_and_grows_while_used() -> None:
     lim = AdaptiveLimit(ceiling=512, adaptive=True)
-    start = lim.limit
-    assert start == 64
-    for _ in range(20 * WINDOW):  # steady 1 ms while the limit is in use: it grows
-        lim.sample(0.001, inflight=lim.limit)
+    assert lim.limit == START_LIMIT == 64
+    run_windows(lim, 5, lag_s=0.0, inflight=None, held=False)  # a quiet loop, limit in use
     grown = lim.limit
-    assert grown > start
-    for _ in range(10 * WINDOW):  # latency x10: cut, until the long-term figure catches up
-        lim.sample(0.010, inflight=lim.limit)
-    assert MIN_LIMIT <= lim.limit < 0.8 * grown
-    for _ in range(200 * WINDOW):  # never past the ceiling
-        lim.sample(0.001, inflight=lim.limit)
-    assert lim.limit <= 512
+    assert grown > 64 + 4 * 8  # + sqrt(limit) a window
+    assert lim.latency_s == 0.002 and lim.lag_s == 0.0
+    run_windows(lim, 2, lag_s=3 * LAG_TARGET_S, inflight=None, held=False)
+    assert abs(lim.limit - grown * LAG_BACKOFF**2) < 2
+    assert abs(lim.lag_s - 3 * LAG_TARGET_S) < 1e-12
+    run_windows(lim, 100, lag_s=3 * LAG_TARGET_S, inflight=None, held=False)
+    assert lim.limit == MIN_LIMIT == 64  # never under the floor: one full micro-batch
+    run_windows(lim, 200, lag_s=0.0, inflight=None, held=False)
+    assert lim.limit == 512  # never past the ceiling
+
+
+def test_held_clients_get_the_ceiling_and_idle_ones_never_grow_the_limit() -> None:
+    held = AdaptiveLimit(ceiling=512, adaptive=True)
+    run_windows(held, 1, lag_s=10 * LAG_TARGET_S, inflight=None, held=True)
+    assert held.limit == 512  # lag in closed loop is the clients' own queue: full batches, FIFO
+    run_windows(held, 1, lag_s=10 * LAG_TARGET_S, inflight=None, held=False)
+    assert held.limit == int(512 * LAG_BACKOFF)  # the hold over, the lag cuts again
     idle = AdaptiveLimit(ceiling=512, adaptive=True)
-    for _ in range(20 * WINDOW):  # fast answers, few in flight: no reason to grow
-        idle.sample(0.001, inflight=2)
-    assert idle.limit == 64
+    run_windows(idle, 20, lag_s=0.0, inflight=2, held=False)
+    assert idle.limit == 64  # fast answers, few in flight: no reason to grow
     off = AdaptiveLimit(ceiling=100, adaptive=False)
-    off.sample(5.0, inflight=100)
+    run_windows(off, 20, lag_s=10 * LAG_TARGET_S, inflight=None, held=False)
     assert off.limit == 100
+    off.configure(ceiling=200, adaptive=True)  # turned on by a reload: starts where a new one does
+    assert off.limit == 64
+    off.configure(ceiling=32, adaptive=True)  # a lower ceiling caps what was reached
+    assert off.limit == 32
 
 
 def test_held_clients_wait_fifo_for_longer_and_are_never_served_lifo() -> None:

@@ -256,8 +256,10 @@ class LimitsConfig:
     # A request that waited this long (ms) since it arrived (parsed off its connection) for an
     # admission slot, or for a model run, is shed with 503. Must be > 0.
     queue_timeout_ms: float = 100.0
-    # Adapt the admission limit to keep admitted latency near its floor (a gradient on
-    # measured latency, between 8 and max_inflight); false: the limit is max_inflight.
+    # Adapt the admission limit to the event loop's lag (cut x0.8 while the loop runs more than
+    # 1 ms late under open-loop load, grow by sqrt(limit) while used), between 64 (one full
+    # micro-batch) and max_inflight; max_inflight while clients are held (closed loop); false:
+    # the limit is max_inflight.
     adaptive: bool = True
     # A connection that started a request's headers and did not finish them in this long (s) is
     # answered 408 and closed. Must be > 0.

@@ -128,12 +128,14 @@ class DataServer(web.Server):
         self._beat_handle = self._loop.call_later(HEARTBEAT_S, self._beat)
         if self._listen is not None:
             self._accept_pending(self._listen)
+        a = self.admission
+        a.limit.beat(self.lag_s)
         if now - self._window_at >= REGIME_WINDOW_S:
             window = self.window
             self.window += 1
             self._window_at = now
             self.hold.judge(now, lambda: self._census(window))
-        a = self.admission
+            a.limit.window(held=a.held)
         if a.waiting and a.next_due_s(now) <= 0.0:
             self._dispatch()  # the oldest waiter's deadline passed (the only timer for it)
 

@@ -117,7 +117,8 @@ def _admission(serving: AdminState) -> dict[str, Any]:
         "lifo": a.lifo,
         "held": a.held,
         "standing": a.standing,
-        "latency_ms": round(a.limit.long_latency_s * 1000, 3),
+        "latency_ms": round(a.limit.latency_s * 1000, 3),
+        "lag_ms": round(a.limit.lag_s * 1000, 3),
     }
 
 
