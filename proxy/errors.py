@@ -131,7 +131,7 @@ class UpstreamError(ProxyError):
     status = 502
 
 
-class UpstreamTimeoutError(ProxyError):
+class UpstreamTimeoutError(UpstreamError):
     """A remote inference server did not answer in time."""
 
     status = 504
