@@ -391,3 +391,60 @@ async def test_clients_are_held_while_every_connection_waits_and_released_when_m
     assert [status_of(reply) for reply in await asyncio.gather(*busy)] == [200] * 12
     for _, w in opened:
         w.close()
+
+
+async def read_one(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    """One response off a keep-alive connection: (head, body), framed by Content-Length."""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+    return head, await asyncio.wait_for(reader.readexactly(length), 10)
+
+
+async def test_probes_are_answered_from_the_raw_bytes_as_the_handler_answers_them(
+    start: Any, tmp_path: Path, model_repo: Path, cancer_rows: Any
+) -> None:
+    client, _ = await start(limits_config(tmp_path, model_section(repo=model_repo)))
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+    try:
+        answers = []
+        for target in ("/v2/health/live", "/v2/health/ready", "/v2/health/live?via=aiohttp"):
+            writer.write(
+                f"GET {target} HTTP/1.1\r\nHost: x\r\nUser-Agent: kube-probe\r\n\r\n".encode()
+            )
+            head, body = await read_one(reader)
+            assert head.startswith(b"HTTP/1.1 200 ") and b"application/json" in head.lower()
+            answers.append(orjson.loads(body))
+            # aiohttp's answers name it; the raw ones (no handler, no request object) do not
+            assert (b"server:" in head.lower()) == ("?" in target), head
+        # the fast path's answers are the handler's (the query string takes aiohttp's path)
+        assert answers == [{"live": True}, {"ready": True}, {"live": True}]
+        # the connection stays usable for real work, then a probe asking to close closes it
+        writer.write(
+            post("/v2/models/cancer/infer", orjson.dumps(infer_body(cancer_rows[:1])), close=False)
+        )
+        head, _ = await read_one(reader)
+        assert head.startswith(b"HTTP/1.1 200 ")
+        writer.write(b"GET /v2/health/ready HTTP/1.1\r\nConnection: close\r\n\r\n")
+        head, body = await read_one(reader)
+        assert b"connection: close" in head.lower() and orjson.loads(body) == {"ready": True}
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # closed by the server
+    finally:
+        writer.close()
+    # not a GET, or a header aiohttp would refuse: not the fast path's to answer
+    assert (
+        status_of(
+            await exchange(
+                client.port,
+                b"POST /v2/health/live HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            )
+        )
+        == 405
+    )
+    assert (
+        status_of(
+            await exchange(
+                client.port, b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nX: a\x01b\r\n\r\n"
+            )
+        )
+        == 400
+    )

@@ -19,7 +19,10 @@ LOG_INTERVAL_S = 10.0  # repeated refusals are logged at most this often, with t
 
 
 def _canned(status: int, reason: str, error: str, *, close: bool, retry: bool = False) -> bytes:
-    body = orjson.dumps({"error": error})
+    return _response(status, reason, orjson.dumps({"error": error}), close=close, retry=retry)
+
+
+def _response(status: int, reason: str, body: bytes, *, close: bool, retry: bool = False) -> bytes:
     head = [
         f"HTTP/1.1 {status} {reason}",
         "Content-Type: application/json",
@@ -113,17 +116,51 @@ def malformed(exc: BaseException | None) -> str:
 _CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d{1,12})[ \t]*(?:\r\n|$)")
 
 
+# A header line the fast path takes as it is: a token, a colon, visible ASCII (else aiohttp parses).
+_HEADER_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\x21-\x7e \t]*")
+
+# The probes' answers, as the data plane's handler gives them (its live and ready are
+# constant while the process serves), (keep-alive, close), by the raw request target.
+HEALTH = {
+    path.encode(): tuple(
+        _response(200, "OK", orjson.dumps({key: True}), close=close) for close in (False, True)
+    )
+    for path, key in (("/v2/health/live", "live"), ("/v2/health/ready", "ready"))
+}
+
+
+def health_probe(data: bytes) -> tuple[bytes, bool] | None:
+    """If `data` is exactly one whole plain `GET /v2/health/live|ready` (see
+    `one_plain_request`): (its target, whether it asks to close); else None."""
+    line_end = data.find(b"\r\n")
+    parts = data[:line_end].split(b" ") if line_end > 0 else ()
+    if len(parts) != 3 or parts[0] != b"GET" or parts[1] not in HEALTH:
+        return None
+    head = data[line_end + 2 : data.find(b"\r\n\r\n")]
+    if head and not all(_HEADER_LINE.fullmatch(line) for line in head.split(b"\r\n")):
+        return None  # anything unusual: aiohttp's parser judges it (a 400 if malformed)
+    close = _plain(data)
+    return None if close is None else (parts[1], close)
+
+
 def one_plain_request(data: bytes) -> bool | None:
     """If `data` is exactly one whole, plain HTTP/1.x request (no chunking, upgrade, folded or
     repeated Content-Length, not a health probe): whether it asks to close; else None (let
     aiohttp parse it)."""
+    parts = data[: data.find(b"\r\n")].split(b" ")
+    if len(parts) == 3 and parts[1].startswith(b"/v2/health/"):
+        return None  # a probe is never refused
+    return _plain(data)
+
+
+def _plain(data: bytes) -> bool | None:
     end = data.find(b"\r\n\r\n")
     if end < 0:
         return None
     head = data[:end]
     line_end = head.find(b"\r\n")
     parts = (head if line_end < 0 else head[:line_end]).split(b" ")
-    if len(parts) != 3 or parts[1].startswith(b"/v2/health/"):
+    if len(parts) != 3:
         return None
     version = parts[2]
     if version not in (b"HTTP/1.1", b"HTTP/1.0") or b"\r\n " in head or b"\r\n\t" in head:
