@@ -11,7 +11,6 @@ from proxy.engine.admission import (
     LAG_TARGET_S,
     MIN_LIMIT,
     PARKED_PER_SLOT,
-    START_LIMIT,
     AdaptiveLimit,
     Admission,
     Hold,
@@ -89,7 +88,7 @@ def run_windows(
 
 def test_the_limit_cuts_on_loop_lag_in_open_loop_and_grows_while_used() -> None:
     lim = AdaptiveLimit(ceiling=512, adaptive=True)
-    assert lim.limit == START_LIMIT == 64
+    assert lim.limit == MIN_LIMIT == 64  # it starts at its floor
     run_windows(lim, 5, lag_s=0.0, inflight=None, held=False)  # a quiet loop, limit in use
     grown = lim.limit
     assert grown > 64 + 4 * 8  # + sqrt(limit) a window
@@ -119,6 +118,9 @@ def test_held_clients_get_the_ceiling_and_idle_ones_never_grow_the_limit() -> No
     assert off.limit == 64
     off.configure(ceiling=32, adaptive=True)  # a lower ceiling caps what was reached
     assert off.limit == 32
+    tiny = AdaptiveLimit(ceiling=1, adaptive=True)  # a ceiling under the floor is the limit
+    run_windows(tiny, 3, lag_s=0.0, inflight=None, held=False)
+    assert tiny.limit == 1
 
 
 def test_held_clients_wait_fifo_for_longer_and_are_never_served_lifo() -> None:

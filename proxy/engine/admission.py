@@ -40,8 +40,8 @@ from typing import Any, Generic, TypeVar
 
 T = TypeVar("T", bound=Hashable)
 
-MIN_LIMIT = 64  # one full micro-batch (max_batch_size): a smaller limit makes dearer batches
-START_LIMIT = 64
+MIN_LIMIT = 64  # one full micro-batch (max_batch_size): a smaller limit makes dearer batches;
+# an adaptive limit also starts here
 LAG_TARGET_S = 0.001  # the loop's mean lag over a window past this (open loop): cut the limit
 LAG_BACKOFF = 0.8  # each window over the target multiplies the limit by this
 PARKED_PER_SLOT = 8  # waiting requests at most, per slot of the ceiling; past it, shed at once
@@ -71,7 +71,7 @@ class AdaptiveLimit:
     def __init__(self, *, ceiling: int, adaptive: bool) -> None:
         self.ceiling = ceiling
         self.adaptive = adaptive
-        self._limit = float(min(ceiling, START_LIMIT) if adaptive else ceiling)
+        self._limit = self._clamp(MIN_LIMIT)
         self._lag_sum_s = 0.0
         self._beats = 0
         self._peak = 0
@@ -82,17 +82,22 @@ class AdaptiveLimit:
 
     @property
     def limit(self) -> int:
-        return (
-            max(min(MIN_LIMIT, self.ceiling), int(self._limit)) if self.adaptive else self.ceiling
-        )
+        return int(self._limit)
+
+    def _clamp(self, limit: float) -> float:
+        """Between MIN_LIMIT and the ceiling when adaptive (the ceiling if that is lower); the
+        ceiling when not."""
+        if not self.adaptive:
+            return float(self.ceiling)
+        return min(float(self.ceiling), max(float(MIN_LIMIT), limit))
 
     def configure(self, *, ceiling: int, adaptive: bool) -> None:
-        """A reload's new ceiling (the limit reached is kept, under the new ceiling)."""
-        if adaptive and not self.adaptive:
-            self._limit = float(min(ceiling, START_LIMIT))
+        """A reload's new ceiling (the limit reached is kept, under the new ceiling; turned on,
+        it starts at MIN_LIMIT)."""
+        start = self._limit if self.adaptive else MIN_LIMIT
         self.ceiling = ceiling
         self.adaptive = adaptive
-        self._limit = min(self._limit, float(ceiling))
+        self._limit = self._clamp(start)
 
     def sample(self, latency_s: float, inflight: int) -> None:
         """One admitted request's time from admission to its answer; `inflight` is how many
@@ -116,8 +121,6 @@ class AdaptiveLimit:
         peak = self._peak
         self._lag_sum_s, self._beats, self._peak = 0.0, 0, 0
         self._latency_sum_s, self._n = 0.0, 0
-        if not self.adaptive:
-            return
         limit = self._limit
         if held:
             limit = self.ceiling
@@ -125,7 +128,7 @@ class AdaptiveLimit:
             limit *= LAG_BACKOFF
         elif peak >= limit / 2:
             limit += math.sqrt(limit)
-        self._limit = min(float(self.ceiling), max(float(MIN_LIMIT), limit))
+        self._limit = self._clamp(limit)
 
 
 class Admission(Generic[T]):

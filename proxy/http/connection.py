@@ -30,6 +30,7 @@ from proxy.engine.counters import Refusal
 from proxy.http.refusals import (
     BODY_TIMEOUT,
     FULL,
+    FULL_ANSWERS,
     FULL_CLOSE,
     HEADER_TIMEOUT,
     HEALTH,
@@ -120,6 +121,14 @@ class DataProtocol(RequestHandler):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
+    def _answer_raw(self, answers: tuple[bytes, bytes], close: bool) -> None:
+        """Write a canned answer, (keep-alive, close), for a request never parsed."""
+        self._write(answers[close])
+        if close:
+            self.force_close()
+        else:
+            self._next_keepalive_close_time = self._loop.time() + self._keepalive_timeout
+
     # ---------------------------------------------------------------- reading
 
     def data_received(self, data: bytes) -> None:
@@ -139,12 +148,7 @@ class DataProtocol(RequestHandler):
                 # Answered from the raw bytes, in this loop iteration: through aiohttp a probe
                 # waits one more (its handler task), about 64 requests' worth at wrk -c64.
                 target, asks_close = probe
-                closing = asks_close or self._server.draining
-                self._write(HEALTH[target][closing])
-                if closing:
-                    self.force_close()
-                else:
-                    self._next_keepalive_close_time = self._loop.time() + self._keepalive_timeout
+                self._answer_raw(HEALTH[target], asks_close or self._server.draining)
                 return
         if quiet and self._server.refusing(self):
             close = one_plain_request(data)
@@ -152,12 +156,7 @@ class DataProtocol(RequestHandler):
                 # Refused from the raw bytes: aiohttp's parser never builds this message
                 # (headers, URL, body reader), so a refusal costs little more than its write.
                 self._server.refuse_raw()
-                if close:
-                    self._write(FULL_CLOSE)
-                    self.force_close()
-                else:
-                    self._write(FULL)
-                    self._next_keepalive_close_time = self._loop.time() + self._keepalive_timeout
+                self._answer_raw(FULL_ANSWERS, close)
                 return
         messages = self._messages
         before = len(messages)

@@ -44,6 +44,7 @@ _FULL = (
 )
 FULL = _canned(503, "Service Unavailable", _FULL, close=False, retry=True)
 FULL_CLOSE = _canned(503, "Service Unavailable", _FULL, close=True, retry=True)
+FULL_ANSWERS = (FULL, FULL_CLOSE)  # (keep-alive, close)
 TOO_MANY_CONNECTIONS = _canned(
     503,
     "Service Unavailable",
@@ -116,44 +117,49 @@ def malformed(exc: BaseException | None) -> str:
 _CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d{1,12})[ \t]*(?:\r\n|$)")
 
 
-# A header line the fast path takes as it is: a token, a colon, visible ASCII (else aiohttp parses).
+# A header line a probe's fast path takes as it is: a token, a colon, visible ASCII.
 _HEADER_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\x21-\x7e \t]*")
+
 
 # The probes' answers, as the data plane's handler gives them (its live and ready are
 # constant while the process serves), (keep-alive, close), by the raw request target.
-HEALTH = {
-    path.encode(): tuple(
-        _response(200, "OK", orjson.dumps({key: True}), close=close) for close in (False, True)
-    )
-    for path, key in (("/v2/health/live", "live"), ("/v2/health/ready", "ready"))
-}
+def _ok(key: str) -> tuple[bytes, bytes]:
+    body = orjson.dumps({key: True})
+    return _response(200, "OK", body, close=False), _response(200, "OK", body, close=True)
+
+
+HEALTH = {b"/v2/health/live": _ok("live"), b"/v2/health/ready": _ok("ready")}
 
 
 def health_probe(data: bytes) -> tuple[bytes, bool] | None:
     """If `data` is exactly one whole plain `GET /v2/health/live|ready` (see
-    `one_plain_request`): (its target, whether it asks to close); else None."""
-    line_end = data.find(b"\r\n")
-    parts = data[:line_end].split(b" ") if line_end > 0 else ()
-    if len(parts) != 3 or parts[0] != b"GET" or parts[1] not in HEALTH:
+    `one_plain_request`) whose header lines are all ordinary: (its target, whether it asks to
+    close); else None (aiohttp's parser judges it: a 400 if malformed)."""
+    plain = _plain(data)
+    if plain is None:
         return None
-    head = data[line_end + 2 : data.find(b"\r\n\r\n")]
+    (method, target, _), close = plain
+    if method != b"GET" or target not in HEALTH:
+        return None
+    head = data[data.find(b"\r\n") + 2 : data.find(b"\r\n\r\n")]
     if head and not all(_HEADER_LINE.fullmatch(line) for line in head.split(b"\r\n")):
-        return None  # anything unusual: aiohttp's parser judges it (a 400 if malformed)
-    close = _plain(data)
-    return None if close is None else (parts[1], close)
+        return None
+    return target, close
 
 
 def one_plain_request(data: bytes) -> bool | None:
     """If `data` is exactly one whole, plain HTTP/1.x request (no chunking, upgrade, folded or
     repeated Content-Length, not a health probe): whether it asks to close; else None (let
     aiohttp parse it)."""
-    parts = data[: data.find(b"\r\n")].split(b" ")
-    if len(parts) == 3 and parts[1].startswith(b"/v2/health/"):
-        return None  # a probe is never refused
-    return _plain(data)
+    plain = _plain(data)
+    if plain is None or plain[0][1].startswith(b"/v2/health/"):
+        return None  # (a probe is never refused)
+    return plain[1]
 
 
-def _plain(data: bytes) -> bool | None:
+def _plain(data: bytes) -> tuple[list[bytes], bool] | None:
+    """(The request line's three parts, whether it asks to close) if `data` is exactly one
+    whole plain HTTP/1.x request (see `one_plain_request`), else None."""
     end = data.find(b"\r\n\r\n")
     if end < 0:
         return None
@@ -174,5 +180,5 @@ def _plain(data: bytes) -> bool | None:
     if end + 4 + (int(lengths[0]) if lengths else 0) != len(data):
         return None
     if version == b"HTTP/1.0":
-        return b"\r\nconnection: keep-alive" not in lower
-    return b"\r\nconnection: close" in lower
+        return parts, b"\r\nconnection: keep-alive" not in lower
+    return parts, b"\r\nconnection: close" in lower
