@@ -42,6 +42,7 @@ _CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d+)", re.IGNORECASE)
 SLEEP_THRESHOLD_S = 0.002
 MAX_LAG_P50_MS = 0.2
 MAX_LAG_P99_MS = 2.0
+TRACE_COLUMNS = ("due_s", "wait_s", "latency_s", "status", "fresh")
 
 
 @dataclass(slots=True)
@@ -49,6 +50,8 @@ class _Request:
     index: int
     scheduled: float
     payload: bytes
+    sent: float = 0.0  # when a connection took it (waiting for one counts against the server)
+    fresh: bool = False  # it went out on a connection opened for it
 
 
 @dataclass
@@ -58,6 +61,7 @@ class _Book:
     measure_from: float
     latencies: list[float] = field(default_factory=list)  # seconds, measured window only
     by_status: dict[int, list[float]] = field(default_factory=dict)  # the same, per status
+    trace: list[tuple[float, float, float, int, bool]] | None = None  # see --trace
     statuses: Counter[int] = field(default_factory=Counter)
     all_statuses: Counter[int] = field(default_factory=Counter)  # warm-up included
     completed: int = 0
@@ -77,6 +81,10 @@ class _Book:
                 latency = now - req.scheduled
                 self.latencies.append(latency)
                 self.by_status.setdefault(status, []).append(latency)
+                if self.trace is not None:
+                    self.trace.append(
+                        (req.scheduled, req.sent - req.scheduled, latency, status, req.fresh)
+                    )
         if self.outstanding == 0:
             self.drained.set()
 
@@ -89,6 +97,7 @@ class _Conn(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
         self.current: _Request | None = None
+        self.used = False  # it has carried a request
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
@@ -96,6 +105,9 @@ class _Conn(asyncio.Protocol):
     def send(self, req: _Request) -> None:
         assert self.transport is not None
         self.current = req
+        req.sent = perf_counter()
+        req.fresh = not self.used
+        self.used = True
         self.transport.write(req.payload)
 
     def data_received(self, data: bytes) -> None:
@@ -214,6 +226,7 @@ async def run_open_loop(
     max_conns: int = 256,
     preopen: int = 32,
     drain_timeout: float = 5.0,
+    trace: Path | None = None,
 ) -> dict[str, Any]:
     """Offer `rate` requests/s for warmup + duration seconds; latencies of the last `duration`."""
     payloads = [_request_bytes(host, port, path, b) for b in bodies]
@@ -223,6 +236,10 @@ async def run_open_loop(
         await pool.open()
     if pool.connect_errors:
         raise OSError(f"cannot connect to {host}:{port}")
+    for conn in pool.free:
+        conn.used = True  # opened before the clock: no request waited for it
+    if trace is not None:
+        book.trace = []
     # The cyclic GC pauses this process for milliseconds now and then, which would show up as
     # dispatch lag and latency; nothing here needs it for a run of seconds.
     gc.collect()
@@ -261,6 +278,10 @@ async def run_open_loop(
         and lag_p99 <= MAX_LAG_P99_MS
     )
     n_measured = len(book.latencies)
+    if trace is not None and book.trace is not None:
+        t_from = book.measure_from
+        rows = [(s - t_from, wait, lat, st, fresh) for s, wait, lat, st, fresh in book.trace]
+        trace.write_bytes(orjson.dumps({"columns": TRACE_COLUMNS, "rows": rows}))
     non_2xx = sum(n for s, n in book.statuses.items() if not 200 <= s < 300)
     return {
         "target_rps": rate,
@@ -306,6 +327,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-conns", type=int, default=256)
     p.add_argument("--preopen", type=int, default=32)
     p.add_argument("--drain-timeout", type=float, default=5.0)
+    p.add_argument(
+        "--trace",
+        type=Path,
+        help="write every measured request (due time from the window's start, seconds waited"
+        " for a connection, latency, status, whether on a connection opened for it) as JSON",
+    )
     args = p.parse_args(argv)
     bodies = [line for line in args.bodies.read_bytes().splitlines() if line.strip()]
     if not bodies or args.rate <= 0:
@@ -322,6 +349,7 @@ def main(argv: list[str] | None = None) -> None:
             max_conns=args.max_conns,
             preopen=args.preopen,
             drain_timeout=args.drain_timeout,
+            trace=args.trace,
         )
     )
     sys.stdout.buffer.write(orjson.dumps(result) + b"\n")
