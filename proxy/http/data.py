@@ -26,6 +26,7 @@ from proxy.errors import (
 )
 from proxy.http.body import read_body
 from proxy.http.connection import HEALTH_PREFIX
+from proxy.http.refusals import HEALTH_DOCS
 from proxy.http.transport import DataServer
 from proxy.models.backends import Backend
 from proxy.monitoring.watch import Watch
@@ -147,9 +148,9 @@ class DataPlane:
             return _json(
                 {"name": "mlproxy", "version": __version__, "extensions": ["binary_tensor_data"]}
             )
-        elif n == 3 and parts[1] == "health" and parts[2] in ("live", "ready"):
+        elif n == 3 and parts[1] == "health" and parts[2] in HEALTH_DOCS:
             _allow(request, ("GET",))
-            return _json({"live": True} if parts[2] == "live" else {"ready": True})
+            return _json(HEALTH_DOCS[parts[2]])
         raise NotFoundError(f"no route for {method} {request.path}")
 
     @staticmethod

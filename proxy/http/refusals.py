@@ -121,14 +121,18 @@ _CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d{1,12})[ \t]*(?:\r\n
 _HEADER_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\x21-\x7e \t]*")
 
 
-# The probes' answers, as the data plane's handler gives them (its live and ready are
-# constant while the process serves), (keep-alive, close), by the raw request target.
-def _ok(key: str) -> tuple[bytes, bytes]:
-    body = orjson.dumps({key: True})
+# The server health documents (live and ready are constant while the process serves): the
+# data plane's handler answers them, and so does the raw fast path, from HEALTH: (keep-alive,
+# close) answers by the raw request target.
+HEALTH_DOCS = {"live": {"live": True}, "ready": {"ready": True}}
+
+
+def _ok(doc: dict[str, bool]) -> tuple[bytes, bytes]:
+    body = orjson.dumps(doc)
     return _response(200, "OK", body, close=False), _response(200, "OK", body, close=True)
 
 
-HEALTH = {b"/v2/health/live": _ok("live"), b"/v2/health/ready": _ok("ready")}
+HEALTH = {f"/v2/health/{k}".encode(): _ok(doc) for k, doc in HEALTH_DOCS.items()}
 
 
 def health_probe(data: bytes) -> tuple[bytes, bool] | None:
@@ -138,11 +142,10 @@ def health_probe(data: bytes) -> tuple[bytes, bool] | None:
     plain = _plain(data)
     if plain is None:
         return None
-    (method, target, _), close = plain
+    (method, target, _), headers, close = plain
     if method != b"GET" or target not in HEALTH:
         return None
-    head = data[data.find(b"\r\n") + 2 : data.find(b"\r\n\r\n")]
-    if head and not all(_HEADER_LINE.fullmatch(line) for line in head.split(b"\r\n")):
+    if headers and not all(_HEADER_LINE.fullmatch(line) for line in headers.split(b"\r\n")):
         return None
     return target, close
 
@@ -154,12 +157,13 @@ def one_plain_request(data: bytes) -> bool | None:
     plain = _plain(data)
     if plain is None or plain[0][1].startswith(b"/v2/health/"):
         return None  # (a probe is never refused)
-    return plain[1]
+    return plain[2]
 
 
-def _plain(data: bytes) -> tuple[list[bytes], bool] | None:
-    """(The request line's three parts, whether it asks to close) if `data` is exactly one
-    whole plain HTTP/1.x request (see `one_plain_request`), else None."""
+def _plain(data: bytes) -> tuple[list[bytes], bytes, bool] | None:
+    """(The request line's three parts, the header lines after it, whether it asks to close)
+    if `data` is exactly one whole plain HTTP/1.x request (see `one_plain_request`), else
+    None."""
     end = data.find(b"\r\n\r\n")
     if end < 0:
         return None
@@ -179,6 +183,7 @@ def _plain(data: bytes) -> tuple[list[bytes], bool] | None:
         return None
     if end + 4 + (int(lengths[0]) if lengths else 0) != len(data):
         return None
+    headers = b"" if line_end < 0 else head[line_end + 2 :]
     if version == b"HTTP/1.0":
-        return parts, b"\r\nconnection: keep-alive" not in lower
-    return parts, b"\r\nconnection: close" in lower
+        return parts, headers, b"\r\nconnection: keep-alive" not in lower
+    return parts, headers, b"\r\nconnection: close" in lower
