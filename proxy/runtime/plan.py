@@ -116,8 +116,41 @@ async def create_plan(
     Returns the plan and how many versions were loaded (not reused). ConfigError lists each
     version that failed; then nothing new is left open.
     """
-    loop = asyncio.get_running_loop()
-    clock = clock or loop.time
+    clock = clock or asyncio.get_running_loop().time
+    loaded, fresh, errors = await _load_versions(config, runners, http, previous, clock)
+    if not errors:  # (a remote version not answering yet is checked when it does)
+        for model in config.models.values():
+            errors.extend(_check_inputs(model, loaded[model.name]))
+            errors.extend(_check_drift_gate(model, loaded[model.name]))
+    if errors:
+        await asyncio.gather(*(b.close() for b in fresh))
+        raise ConfigError(errors, config.source)
+    for group in loaded.values():  # a reused batcher takes the new batching settings
+        for b in group.values():
+            b.configure(config.batching, config.limits)
+    models = {
+        m.name: _model_plan(
+            m,
+            loaded[m.name],
+            config=config,
+            counters=counters,
+            clock=clock,
+            previous=previous.models.get(m.name) if previous else None,
+        )
+        for m in config.models.values()
+    }
+    return Plan(config=config, models=models, loaded_at=time.time()), len(fresh)
+
+
+async def _load_versions(
+    config: Config,
+    runners: Runners,
+    http: aiohttp.ClientSession,
+    previous: Plan | None,
+    clock: Callable[[], float],
+) -> tuple[dict[str, dict[str, Backend]], list[Backend], list[str]]:
+    """Load every version of `config` at once, reusing `previous`'s warm ones: (the backends by
+    model and version, those newly opened, one error line per version that failed)."""
     jobs = []
     keys = []
     for model in config.models.values():
@@ -141,28 +174,7 @@ async def create_plan(
             loaded[model.name][vname] = res
             if res not in reused:
                 fresh.append(res)
-    if not errors:  # (a remote version not answering yet is checked when it does)
-        for model in config.models.values():
-            errors.extend(_check_inputs(model, loaded[model.name]))
-            errors.extend(_check_drift_gate(model, loaded[model.name]))
-    if errors:
-        await asyncio.gather(*(b.close() for b in fresh))
-        raise ConfigError(errors, config.source)
-    for group in loaded.values():  # a reused batcher takes the new batching settings
-        for b in group.values():
-            b.configure(config.batching, config.limits)
-    models = {
-        m.name: _model_plan(
-            m,
-            loaded[m.name],
-            config=config,
-            counters=counters,
-            clock=clock,
-            previous=previous.models.get(m.name) if previous else None,
-        )
-        for m in config.models.values()
-    }
-    return Plan(config=config, models=models, loaded_at=time.time()), len(fresh)
+    return loaded, fresh, errors
 
 
 def _model_plan(
