@@ -4,6 +4,7 @@ queue, the deadline measured from arrival, LIFO while shedding, and the lag-driv
 from __future__ import annotations
 
 from proxy.engine.admission import (
+    CHURN_MIN,
     CODEL_INTERVAL_S,
     CODEL_TARGET_S,
     HELD_FACTOR,
@@ -207,3 +208,49 @@ def test_a_hold_needs_busy_connections_and_few_opening_and_ends_when_more_open()
     for _ in range(9):
         hold.opened(3.65)
     assert hold.not_before == 3.65 + 1.0  # the empty queue reset the backoff
+
+
+def test_a_misjudged_hold_gives_back_the_limit_it_replaced() -> None:
+    """A hold ended by connections opening (open loop after all) restores the limit from
+    before it at once; a hold that ends because the clients have room again decays from the
+    ceiling as the lag says."""
+    a = Admission(limit=AdaptiveLimit(ceiling=512, adaptive=True), deadline_s=0.1)
+    hold = Hold(a)
+    run_windows(a.limit, 3, lag_s=10 * LAG_TARGET_S, inflight=None, held=False)
+    assert a.limit.limit == MIN_LIMIT
+    for _ in range(MIN_LIMIT + 1):
+        a.arrive(object(), 0.0)  # the last one waits
+    hold.judge(0.1, lambda: (0, 100))
+    a.limit.window(held=a.held)
+    assert a.held and a.limit.limit == 512
+    for _ in range(9):
+        hold.opened(0.15)  # 9 > 8 opened: open loop
+    assert not a.held and a.limit.limit == MIN_LIMIT
+    a.limit.window(held=True)  # a true hold, ended by idle connections: no restore
+    a.limit.window(held=False)
+    a.limit.misjudged()
+    assert a.limit.limit == 512  # (no lag in that window: the limit stays)
+
+
+def test_a_hold_ends_when_more_requests_wait_than_its_connections_can_send() -> None:
+    """Held clients send one request per connection: the hold's room is the connections
+    active when it began (plus CHURN_MIN, plus any opened since). One more request outstanding
+    than that means connections we counted idle are sending (an open-loop pool that opens
+    none): the hold ends and the limit goes back."""
+    a = Admission(limit=AdaptiveLimit(ceiling=512, adaptive=True), deadline_s=0.1)
+    hold = Hold(a)
+    run_windows(a.limit, 3, lag_s=10 * LAG_TARGET_S, inflight=None, held=False)
+    for _ in range(MIN_LIMIT + 10):
+        a.arrive(object(), 0.0)
+    hold.judge(0.1, lambda: (0, 100))  # 100 connections active, none idle
+    a.limit.window(held=a.held)
+    assert a.held and hold.room == 100 + CHURN_MIN
+    hold.opened(0.11)  # one more connection: room for one more request
+    assert hold.room == 100 + CHURN_MIN + 1
+    while a.inflight + a.waiting < hold.room:
+        a.arrive(object(), 0.12)
+    hold.check(0.12)
+    assert a.held  # as many outstanding as the connections can send: still a closed loop
+    a.arrive(object(), 0.13)
+    hold.check(0.13)
+    assert not a.held and a.limit.limit == MIN_LIMIT and hold.not_before == 0.13 + 1.0

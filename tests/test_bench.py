@@ -369,3 +369,11 @@ def test_overload_floors_need_a_quiet_reference_and_a_steady_machine() -> None:
     drifted = _overload_runs(shed_07=0, drift=0.77)
     assert all(passed for _, _, _, passed in overload.floors(drifted))
     assert not overload.report(transcript.Transcript(), {"single": drifted})
+
+
+def test_overload_ab_refuses_a_load_it_cannot_read_before_starting_anything() -> None:
+    ab = _bench_module("overload_ab")
+    with pytest.raises(SystemExit) as exc:
+        ab.main(["--ref", "main", "2", "c1000", "fast"])
+    assert exc.value.code == 2
+    assert ab.median([{"p99_ms": 3.0}, {"p99_ms": None}, {"p99_ms": 1.0}], "p99_ms") == 2.0

@@ -79,6 +79,7 @@ class AdaptiveLimit:
         self._n = 0
         self.latency_s = 0.0  # mean admitted latency over the last window with answers
         self.lag_s = 0.0  # mean loop lag over the last window
+        self._before_hold: float | None = None  # the limit a hold replaced with the ceiling
 
     @property
     def limit(self) -> int:
@@ -122,6 +123,10 @@ class AdaptiveLimit:
         self._lag_sum_s, self._beats, self._peak = 0.0, 0, 0
         self._latency_sum_s, self._n = 0.0, 0
         limit = self._limit
+        if not held:
+            self._before_hold = None
+        elif self._before_hold is None:
+            self._before_hold = limit
         if held:
             limit = self.ceiling
         elif lag > LAG_TARGET_S:
@@ -129,6 +134,14 @@ class AdaptiveLimit:
         elif peak >= limit / 2:
             limit += math.sqrt(limit)
         self._limit = self._clamp(limit)
+
+    def misjudged(self) -> None:
+        """The hold just ended was wrong (open loop after all): back to the limit it replaced
+        at once, not down from the ceiling a cut per window (ceiling-sized bursts then stalled
+        the loop 50-170 ms for half a second, measured)."""
+        if self._before_hold is not None:
+            self._limit = self._clamp(self._before_hold)
+            self._before_hold = None
 
 
 class Admission(Generic[T]):
@@ -287,8 +300,12 @@ class Admission(Generic[T]):
 # opened were at most CHURN_SHARE of the requests admitted (and CHURN_MIN). A client whose load
 # does not wait for our answers opens more connections when we hold it (open loop: about as
 # many as we are short of), while a closed-loop client's last connections trickle in. More
-# opening than that while held ends the hold at once, and the next is not tried for
-# HOLD_BACKOFF_S, doubling up to HOLD_BACKOFF_MAX_S, until the queue empties.
+# opening than that while held ends the hold at once, and so do more requests outstanding than
+# the connections active when it began (plus those opened since) can send, one each: an
+# open-loop client with a pool of idle connections (a LIFO pool leaves thousands idle) opens
+# none, but sends on connections we had counted idle. Either way the limit goes back to what
+# it was before the hold, and the next hold is not tried for HOLD_BACKOFF_S, doubling up to
+# HOLD_BACKOFF_MAX_S, until the queue empties.
 REGIME_WINDOW_S = 0.1
 ACTIVE_WINDOWS = 10  # connections silent for longer are idle keep-alives, not clients now
 SPARE_SHARE = 0.25
@@ -312,18 +329,34 @@ class Hold:
         self._shed_mark = 0
         self.not_before = 0.0  # no hold before this (a hold ended by connections opening)
         self._backoff = HOLD_BACKOFF_S
+        self.room = 0  # while held: requests the held clients can have outstanding, one each
 
     def opened(self, now: float) -> None:
         """A connection was made."""
         self._accepts += 1
+        self.room += 1
         if self.admission.held and self._accepts > self._churn_limit:
-            self.not_before = now + self._backoff
-            self._backoff = min(2 * self._backoff, HOLD_BACKOFF_MAX_S)
-            self.admission.held = False
+            self._misjudged(now)
+
+    def check(self, now: float) -> None:
+        """Between windows (every heartbeat): more requests outstanding than the held
+        connections can send ends the hold (see REGIME_WINDOW_S)."""
+        a = self.admission
+        if a.held and a.inflight + a.waiting > self.room:
+            self._misjudged(now)
+
+    def _misjudged(self, now: float) -> None:
+        """The clients held do not wait on us after all (open loop): end the hold, give back
+        the limit it replaced, and try the next only after a doubling backoff."""
+        self.not_before = now + self._backoff
+        self._backoff = min(2 * self._backoff, HOLD_BACKOFF_MAX_S)
+        self.admission.held = False
+        self.admission.limit.misjudged()
 
     def judge(self, now: float, census: Callable[[], tuple[int, int]]) -> None:
         """End of a window; `census()` counts (connections that sat idle through it, connections
-        active in the last ACTIVE_WINDOWS), asked only while requests wait or were refused."""
+        active in the last ACTIVE_WINDOWS or with a request waiting or running), asked only
+        while requests wait or were refused."""
         a = self.admission
         admitted = a.admitted_total - self._admitted_mark
         shed = a.shed_total - self._shed_mark
@@ -343,3 +376,4 @@ class Hold:
             a.held = False
         elif not a.held and saturated and self._quiet and now >= self.not_before:
             a.held = True
+            self.room = active + CHURN_MIN

@@ -136,17 +136,21 @@ class DataServer(web.Server):
             self._window_at = now
             self.hold.judge(now, lambda: self._census(window))
             a.limit.window(held=a.held)
+        self.hold.check(now)
         if a.waiting and a.next_due_s(now) <= 0.0:
             self._dispatch()  # the oldest waiter's deadline passed (the only timer for it)
 
     def _census(self, window: int) -> tuple[int, int]:
-        """(connections idle through `window`, connections active in the last ACTIVE_WINDOWS)."""
+        """(connections idle through `window`, connections active in the last ACTIVE_WINDOWS
+        or with a request waiting or running: one held longer is still a client)."""
         spare = active = 0
         recent = window - ACTIVE_WINDOWS
         for conn in self._connections:
-            if isinstance(conn, DataProtocol) and conn.seen >= recent:
-                active += 1
-                spare += conn.spare(window)
+            if isinstance(conn, DataProtocol):
+                idle = conn.spare(window)
+                if not idle or conn.seen >= recent:
+                    active += 1
+                    spare += idle
         return spare, active
 
     def __call__(self) -> DataProtocol:
