@@ -8,6 +8,10 @@ low-level `web.Server` on uvloop, orjson, numpy):
 * ``--mode inline``: also run the ONNX model inline, on the event loop, per request
   (onnxruntime with one intra-op and one inter-op thread) and reply its outputs as JSON.
   This is the "inline-onnx" baseline a proxy must beat.
+* ``--mode batched``: the same model behind a simple micro-batcher: a request's rows join the
+  open batch, which runs when it holds BATCH_ROWS rows or BATCH_WAIT_S after its first request,
+  as one `session.run` in a one-thread executor; each request gets its own rows' outputs.
+  This is the "batched-onnx" baseline (issue 11: single must reach 0.9x it per core, goal 1.0x).
 
 GET /v2/health/ready answers {"ready": true} once the model is loaded and the port is open.
 
@@ -20,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +41,8 @@ DATATYPES = {
 }
 READY = orjson.dumps({"ready": True})
 MODEL_NAME = "cancer"
+BATCH_ROWS = 32
+BATCH_WAIT_S = 0.001
 
 
 class Model:
@@ -58,7 +65,9 @@ class Model:
         self.run(np.zeros((1, n_features), dtype=np.float32))  # warm-up
 
     def run(self, x: np.ndarray[Any, Any]) -> bytes:
-        results = self.session.run(self.output_names, {self.input_name: x})
+        return self.answer(self.session.run(self.output_names, {self.input_name: x}))
+
+    def answer(self, results: list[np.ndarray[Any, Any]]) -> bytes:
         outputs = [
             {
                 "name": name,
@@ -74,6 +83,57 @@ class Model:
         )
 
 
+class Batcher:
+    """Rows from many requests, run together: at BATCH_ROWS rows, or BATCH_WAIT_S after the
+    batch's first request, one `session.run` in a one-thread executor."""
+
+    def __init__(self, model: Model) -> None:
+        self.model = model
+        self.loop = asyncio.get_running_loop()
+        self.executor = ThreadPoolExecutor(max_workers=1)
+        self.rows: list[np.ndarray[Any, Any]] = []
+        self.waiters: list[tuple[asyncio.Future[bytes], int, int]] = []  # (answer, start, stop)
+        self.n = 0
+        self.timer: asyncio.TimerHandle | None = None
+
+    async def run(self, x: np.ndarray[Any, Any]) -> bytes:
+        fut: asyncio.Future[bytes] = self.loop.create_future()
+        self.rows.append(x)
+        self.waiters.append((fut, self.n, self.n + len(x)))
+        self.n += len(x)
+        if self.n >= BATCH_ROWS:
+            self.flush()
+        elif self.timer is None:
+            self.timer = self.loop.call_later(BATCH_WAIT_S, self.flush)
+        return await fut
+
+    def flush(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        rows, waiters = self.rows, self.waiters
+        self.rows, self.waiters, self.n = [], [], 0
+        if rows:
+            task = self.loop.run_in_executor(self.executor, self._run, np.concatenate(rows))
+            task.add_done_callback(lambda t: self._answer(t, waiters))
+
+    def _run(self, x: np.ndarray[Any, Any]) -> list[np.ndarray[Any, Any]]:
+        m = self.model
+        return list(m.session.run(m.output_names, {m.input_name: x}))
+
+    def _answer(
+        self, task: asyncio.Future[list[Any]], waiters: list[tuple[asyncio.Future[bytes], int, int]]
+    ) -> None:
+        exc = task.exception()
+        for fut, start, stop in waiters:
+            if fut.done():
+                continue
+            if exc is not None:
+                fut.set_exception(exc)
+            else:
+                fut.set_result(self.model.answer([r[start:stop] for r in task.result()]))
+
+
 def parse_rows(body: bytes) -> np.ndarray[Any, Any]:
     """The first input tensor of an Open Inference Protocol JSON body, as float32 rows."""
     tensor = orjson.loads(body)["inputs"][0]
@@ -81,6 +141,7 @@ def parse_rows(body: bytes) -> np.ndarray[Any, Any]:
 
 
 def make_handler(mode: str, model: Model | None) -> Any:
+    batcher: Batcher | None = None
     fixed = orjson.dumps(
         {
             "model_name": MODEL_NAME,
@@ -108,13 +169,18 @@ def make_handler(mode: str, model: Model | None) -> Any:
             return web.Response(status=400, text=f"bad request: {exc!r}")
         if mode == "fixed" or model is None:
             return web.Response(body=fixed, headers=JSON_HEADERS)
+        if mode == "batched":
+            nonlocal batcher
+            if batcher is None:
+                batcher = Batcher(model)
+            return web.Response(body=await batcher.run(x), headers=JSON_HEADERS)
         return web.Response(body=model.run(x), headers=JSON_HEADERS)
 
     return handle
 
 
 async def serve(host: str, port: int, mode: str, model_path: Path) -> None:
-    model = Model(model_path) if mode == "inline" else None
+    model = Model(model_path) if mode in ("inline", "batched") else None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -134,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
-    p.add_argument("--mode", choices=("fixed", "inline"), default="fixed")
+    p.add_argument("--mode", choices=("fixed", "inline", "batched"), default="fixed")
     p.add_argument(
         "--model",
         type=Path,

@@ -226,6 +226,14 @@ class Admission(Generic[T]):
         self.waited_total += 1
         return False
 
+    def take_free(self, arrived: float, now: float) -> bool:
+        """Take a slot if one is free and nobody waits (True); else change nothing (False:
+        the caller goes through `arrive`)."""
+        if self._waiting or self._inflight >= self.limit.limit:
+            return False
+        self._admitted(now - arrived, now)
+        return True
+
     @property
     def full(self) -> bool:
         """No room to wait: a request that finds no slot now is refused at once."""

@@ -27,6 +27,7 @@ from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 
 from proxy.engine.counters import Refusal
+from proxy.http.fastpath import PlainInfer, plain_infer, raw_answer
 from proxy.http.refusals import (
     BODY_TIMEOUT,
     FULL,
@@ -64,6 +65,9 @@ class DataProtocol(RequestHandler):
         "_header_timer",
         "_held",
         "_held_body",
+        "_raw_busy",
+        "_raw_pending",
+        "_raw_task",
         "_server",
         "_slot_at",
         "seen",
@@ -78,6 +82,9 @@ class DataProtocol(RequestHandler):
         self._header_timer: asyncio.TimerHandle | None = None
         self._body_timer: asyncio.TimerHandle | None = None
         self._feeding = False  # inside aiohttp's parser (its callbacks must not wake anything)
+        self._raw_busy = False  # a fast-path request is being answered (aiohttp knows nothing)
+        self._raw_pending = b""  # bytes that came meanwhile (pipelined), read after its answer
+        self._raw_task: asyncio.Task[None] | None = None  # (the loop keeps only a weak one)
         self._body_ready = False  # a held body completed while feeding
         self.seen = server.window  # the last regime window this connection sent bytes in
 
@@ -98,7 +105,7 @@ class DataProtocol(RequestHandler):
             if not self._held_body:
                 srv.cancel(self)
             self._held = None
-        elif self._slot_at and not self._request_in_progress:
+        elif self._slot_at and not self._request_in_progress and not self._raw_busy:
             self._slot_at = 0.0  # admitted, never started
             srv.release(0.0)
         self._cancel_timers()
@@ -135,6 +142,9 @@ class DataProtocol(RequestHandler):
         if self._force_close or self._close:
             return
         self.seen = self._server.window
+        if self._raw_busy:  # after the fast-path request's answer, in order
+            self._raw_pending += data
+            return
         quiet = (
             self._held is None
             and not self._messages
@@ -158,6 +168,8 @@ class DataProtocol(RequestHandler):
                 self._server.refuse_raw()
                 self._answer_raw(FULL_ANSWERS, close)
                 return
+        if quiet and data.startswith(b"POST /v2/models/") and self._fast(data):
+            return
         messages = self._messages
         before = len(messages)
         waiter = self._waiter
@@ -179,6 +191,45 @@ class DataProtocol(RequestHandler):
             self._body_complete()
         if messages and self._held is None:
             self._wake()
+
+    # ---------------------------------------------------------------- the fast path
+    def _fast(self, data: bytes) -> bool:
+        """Serve `data` on the fast path if it is one plain infer request and a slot is free at
+        once: True if taken. Otherwise (a wait, a refusal, the drain, a body over
+        max_body_bytes, an encoding, an unusual header) False: aiohttp's path takes it."""
+        srv = self._server
+        if srv.raw is None:
+            return False
+        plain = plain_infer(data)
+        if plain is None or len(plain[3]) > srv.current.plan.config.server.max_body_bytes:
+            return False
+        if not srv.slot_now():
+            return False
+        self._slot_at = srv.clock()
+        self._raw_busy = True
+        self._raw_task = self._loop.create_task(self._serve_fast(plain))
+        return True
+
+    async def _serve_fast(self, plain: PlainInfer) -> None:
+        name, version, headers, body, close = plain
+        srv = self._server
+        raw = srv.raw
+        assert raw is not None
+        try:
+            status, payload, extra = await raw(name, version, headers, body)
+        finally:
+            self.request_done()
+            self._raw_busy = False
+            self._raw_task = None
+        close = close or srv.draining
+        self._write(raw_answer(status, payload, extra, close=close))
+        if close:
+            self.force_close()
+            return
+        self._next_keepalive_close_time = self._loop.time() + self._keepalive_timeout
+        pending, self._raw_pending = self._raw_pending, b""
+        if pending:
+            self.data_received(pending)
 
     def _arrived(self, before: int) -> None:
         """Messages were parsed: hold, admit or pass on the first of a quiet connection's."""
@@ -211,6 +262,7 @@ class DataProtocol(RequestHandler):
         no request of its waiting or running (a client with room to send more)?"""
         return (
             self.seen < window
+            and not self._raw_busy
             and self._held is None
             and not self._request_in_progress
             and not self._messages
@@ -324,14 +376,14 @@ class DataProtocol(RequestHandler):
 
     def _on_header_timeout(self) -> None:
         self._header_timer = None
-        if self._request_in_progress or self._messages or self._held is not None:
+        if self._busy():
             return  # a request is being answered; its successor's headers may follow it
         self._server.refused(Refusal.HEADER_TIMEOUT)
         self._write(HEADER_TIMEOUT)
         self.force_close()
 
     def _process_keepalive(self) -> None:
-        if self._held is not None:  # waiting for a slot is not idle
+        if self._held is not None or self._raw_busy:  # waiting for a slot or an answer
             self._keepalive_handle = self._loop.call_later(
                 self._keepalive_timeout, self._process_keepalive
             )
@@ -376,11 +428,20 @@ class DataProtocol(RequestHandler):
 
     def drain(self, grace_s: float) -> None:
         """Close this connection once idle: now plus `grace_s` if it is idle now."""
-        if self._request_in_progress or self._messages or self._held is not None:
+        if self._busy():
             return  # its answer carries Connection: close
         self._loop.call_later(grace_s, self._close_if_idle)
 
+    def _busy(self) -> bool:
+        """A request of this connection is waiting, running or being answered."""
+        return (
+            self._request_in_progress
+            or self._raw_busy
+            or bool(self._messages)
+            or self._held is not None
+        )
+
     def _close_if_idle(self) -> None:
-        if not (self._request_in_progress or self._messages or self._held is not None):
+        if not self._busy():
             # close() alone only stops the loop waiting for a request: close the socket too
             self.force_close()

@@ -213,21 +213,70 @@ class DataPlane:
     async def _infer(
         self, request: web.BaseRequest, plan: Plan, name: str, version: str | None
     ) -> web.StreamResponse:
+        mp, route = self._route(plan, name, version, request.headers.get)
+        body = await read_body(request, plan.config.server.max_body_bytes)
+        hlen = _binary_header_length(request.headers.get(BINARY_HEADER))
+        payload, answered, json_length = await self._run(mp, route, version, body, hlen)
+        return _infer_response(payload, answered, json_length)
+
+    async def handle_raw(
+        self, name: str, version: str | None, headers: dict[str, str], body: bytes
+    ) -> tuple[int, bytes, list[tuple[str, str]]]:
+        """An infer request that the connection read whole from its raw bytes (the fast path,
+        `http/connection.py`): (status, body, headers besides Content-Type/Length), the same
+        answer `handle` gives, without aiohttp's request or response objects. `headers` are
+        keyed in lower case. Never raises."""
+        current = self._current
+        plan = current.enter()
+        try:
+            get = lambda key: headers.get(key.lower())  # noqa: E731
+            mp, route = self._route(plan, name, version, get)
+            hlen = _binary_header_length(headers.get(BINARY_HEADER))
+            payload, answered, json_length = await self._run(mp, route, version, body, hlen)
+        except ProxyError as exc:
+            extra = [("Content-Type", JSON), *exc.headers().items()]
+            return exc.status, orjson.dumps({"error": exc.message}), extra
+        except Exception:
+            log.exception("unhandled error serving POST /v2/models/%s/infer", name)
+            error = {"error": "internal error; the proxy logged the details"}
+            return 500, orjson.dumps(error), [("Content-Type", JSON)]
+        finally:
+            current.leave(plan)
+        if json_length is None:
+            return 200, payload, [("Content-Type", JSON), ("x-model-version", answered)]
+        return (
+            200,
+            payload,
+            [
+                ("Content-Type", "application/octet-stream"),
+                ("x-model-version", answered),
+                (BINARY_HEADER, str(json_length)),
+            ],
+        )
+
+    def _route(
+        self, plan: Plan, name: str, version: str | None, header: Callable[[str], str | None]
+    ) -> tuple[ModelPlan, Route]:
+        """The model and the versions that serve this request (a pinned one, or the strategy's
+        choice by the sticky header)."""
         mp = self._model(plan, name)
         if version is not None:
             self._backend(mp, version)
-            route = Route(version)
-        else:
-            sticky = request.headers.get(mp.config.sticky_key) if mp.config.sticky_key else None
-            strategy = mp.strategy
-            rng = self._rng
-            route = strategy.choose(sticky, rng.random(), rng.random() if strategy.mirrors else 1.0)
+            return mp, Route(version)
+        sticky = header(mp.config.sticky_key) if mp.config.sticky_key else None
+        strategy = mp.strategy
+        rng = self._rng
+        return mp, strategy.choose(sticky, rng.random(), rng.random() if strategy.mirrors else 1.0)
+
+    async def _run(
+        self, mp: ModelPlan, route: Route, version: str | None, body: bytes, hlen: int | None
+    ) -> tuple[bytes, str, int | None]:
+        """Decode, run, fall back, record: (the answer's body, the version that answered, the
+        JSON header's length if any output is binary)."""
+        name = mp.name
         backend = mp.backends[route.primary]
-        body = await read_body(request, plan.config.server.max_body_bytes)
         try:
-            req = parse_infer_request(
-                body, backend.input, ids=self._ids, header_length=_binary_header_length(request)
-            )
+            req = parse_infer_request(body, backend.input, ids=self._ids, header_length=hlen)
         except NonFiniteInputError:
             self._counters.nonfinite(name)
             raise
@@ -247,7 +296,7 @@ class DataPlane:
                 raise
             answered = fallback
             outputs, started = await _answer(mp.stats[answered], mp.backends[answered], req.x, rows)
-        payload, hlen = encode_infer_response(
+        payload, json_length = encode_infer_response(
             request_id=req.id,
             model=name,
             version=answered,
@@ -261,11 +310,7 @@ class DataPlane:
                 mp.lanes[m].offer(req.x, outputs)
         if mp.config.drift.enabled:
             self._watch.remember(name, req.id, answered, outputs, req.seq)
-        headers = {"x-model-version": answered}
-        if hlen is None:
-            return web.Response(body=payload, content_type=JSON, headers=headers)
-        headers[BINARY_HEADER] = str(hlen)
-        return web.Response(body=payload, content_type="application/octet-stream", headers=headers)
+        return payload, answered, json_length
 
     def _fallback(
         self, mp: ModelPlan, failed: str, exc: Exception, *, pinned: str | None
@@ -317,8 +362,15 @@ async def _answer(
         raise
 
 
-def _binary_header_length(request: web.BaseRequest) -> int | None:
-    raw = request.headers.get(BINARY_HEADER)
+def _infer_response(payload: bytes, answered: str, json_length: int | None) -> web.Response:
+    headers = {"x-model-version": answered}
+    if json_length is None:
+        return web.Response(body=payload, content_type=JSON, headers=headers)
+    headers[BINARY_HEADER] = str(json_length)
+    return web.Response(body=payload, content_type="application/octet-stream", headers=headers)
+
+
+def _binary_header_length(raw: str | None) -> int | None:
     if raw is None:
         return None
     try:
@@ -348,8 +400,10 @@ def create_data_plane(serving: Serving) -> DataPlane:
 def create_data_server(serving: Serving) -> DataServer:
     """The low-level aiohttp server for the data plane (no router, no access log), with
     admission, timeouts and connection limits on its connections."""
+    plane = create_data_plane(serving)
     return DataServer(
-        create_data_plane(serving).handle,
+        plane.handle,
+        raw=plane.handle_raw,
         current=serving.current,
         counters=serving.counters,
         admission=serving.admission,

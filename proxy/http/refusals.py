@@ -118,7 +118,7 @@ _CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d{1,12})[ \t]*(?:\r\n
 
 
 # A header line a probe's fast path takes as it is: a token, a colon, visible ASCII.
-_HEADER_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\x21-\x7e \t]*")
+HEADER_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\x21-\x7e \t]*")
 
 
 # The server health documents (live and ready are constant while the process serves): the
@@ -139,13 +139,13 @@ def health_probe(data: bytes) -> tuple[bytes, bool] | None:
     """If `data` is exactly one whole plain `GET /v2/health/live|ready` (see
     `one_plain_request`) whose header lines are all ordinary: (its target, whether it asks to
     close); else None (aiohttp's parser judges it: a 400 if malformed)."""
-    plain = _plain(data)
+    plain = plain_request(data)
     if plain is None:
         return None
     (method, target, _), headers, close = plain
     if method != b"GET" or target not in HEALTH:
         return None
-    if headers and not all(_HEADER_LINE.fullmatch(line) for line in headers.split(b"\r\n")):
+    if headers and not all(HEADER_LINE.fullmatch(line) for line in headers.split(b"\r\n")):
         return None
     return target, close
 
@@ -154,13 +154,13 @@ def one_plain_request(data: bytes) -> bool | None:
     """If `data` is exactly one whole, plain HTTP/1.x request (no chunking, upgrade, folded or
     repeated Content-Length, not a health probe): whether it asks to close; else None (let
     aiohttp parse it)."""
-    plain = _plain(data)
+    plain = plain_request(data)
     if plain is None or plain[0][1].startswith(b"/v2/health/"):
         return None  # (a probe is never refused)
     return plain[2]
 
 
-def _plain(data: bytes) -> tuple[list[bytes], bytes, bool] | None:
+def plain_request(data: bytes) -> tuple[list[bytes], bytes, bool] | None:
     """(The request line's three parts, the header lines after it, whether it asks to close)
     if `data` is exactly one whole plain HTTP/1.x request (see `one_plain_request`), else
     None."""

@@ -31,6 +31,11 @@ DRAIN_IDLE_GRACE_S = 0.5
 # only timer for them: a deadline is met to within one beat)
 HEARTBEAT_S = 0.005
 ACCEPT_BATCH = 256  # connections taken from the listening socket per heartbeat, at most
+# The fast path's handler: (model, version or None, headers by lower-case name, body) ->
+# (status, body, headers); never raises (http/data.py's DataPlane.handle_raw).
+RawHandler = Callable[
+    [str, str | None, dict[str, str], bytes], Awaitable[tuple[int, bytes, list[tuple[str, str]]]]
+]
 
 
 class DataServer(web.Server):
@@ -40,6 +45,7 @@ class DataServer(web.Server):
         self,
         handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]],
         *,
+        raw: RawHandler | None = None,
         current: Current,
         counters: Counters,
         admission: Admission[Any],
@@ -52,6 +58,7 @@ class DataServer(web.Server):
             auto_decompress=False,  # the body reader decodes, bounded by max_body_bytes
             keepalive_timeout=limits.keepalive_timeout_s,
         )
+        self.raw = raw  # the fast path's handler (None: every request goes through aiohttp)
         self.current = current
         self.counters = counters
         self.clock = clock
@@ -203,6 +210,20 @@ class DataServer(web.Server):
     def refuse_raw(self) -> None:
         self.admission.refuse()
         self._count_shed()
+
+    def slot_now(self) -> bool:
+        """The fast path's admission: a slot taken at once (True), or False when it would have
+        to wait, be refused or the drain runs (the request then goes through aiohttp and
+        `arrive`, which handles all of those)."""
+        self.limits()
+        if self.draining:
+            return False
+        a = self.admission
+        lag = self.lag_s
+        now = self.clock()
+        if not a.held and lag >= a.max_wait_s(now):
+            return False
+        return a.take_free(now - lag, now)
 
     def arrive(self, conn: DataProtocol) -> bool | None:
         """May `conn`'s request run? (see Admission.arrive)"""
