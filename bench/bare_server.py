@@ -71,7 +71,7 @@ class Model:
         outputs = [
             {
                 "name": name,
-                "datatype": DATATYPES.get(arr.dtype, str(arr.dtype)),
+                "datatype": DATATYPES.get(arr.dtype) or str(arr.dtype),
                 "shape": arr.shape,
                 "data": arr.reshape(-1),
             }

@@ -619,3 +619,28 @@ def test_config_loader_on_generated_files(config_file: Path, lines: list[str], t
     else:
         assert isinstance(config, Config)
         assert all(math.isfinite(m.drift.psi_alert) for m in config.models.values())
+
+
+@PURE
+@given(
+    st.lists(
+        st.floats(allow_nan=False, allow_infinity=False)
+        | st.sampled_from([3.4028235e38, 3.4028235677973366e38, 3.5e38, -3.5e38, 1e-46]),
+        min_size=FEATURES,
+        max_size=FEATURES,
+    )
+)
+def test_json_floats_decode_as_a_guarded_cast_would(row: list[float]) -> None:
+    """JSON floats for an FP32 model skip the overflow guard when they fit its range; the
+    answer is the guarded cast's either way: the same array, or 400 for what overflows."""
+    body = orjson.dumps(
+        {"inputs": [{"name": "input", "shape": [1, FEATURES], "datatype": "FP64", "data": row}]}
+    )
+    with np.errstate(over="ignore", invalid="ignore"):
+        want = np.array([row]).astype(np.float32)
+    if not np.isfinite(want).all():
+        with pytest.raises(InvalidInputError, match="not finite"):
+            parse_infer_request(body, SPECS[0], ids=IDS)
+        return
+    got = parse_infer_request(body, SPECS[0], ids=IDS).x
+    assert got.dtype == np.float32 and np.array_equal(got, want)
