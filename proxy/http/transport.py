@@ -213,15 +213,17 @@ class DataServer(web.Server):
 
     def slot_now(self) -> bool:
         """The fast path's admission: a slot taken at once (True), or False when it would have
-        to wait, be refused or the drain runs (the request then goes through aiohttp and
-        `arrive`, which handles all of those)."""
+        to wait or be refused, the drain runs, or the server is under pressure (the clients
+        held, or the last window queued or shed: interleaving fast-path requests with queued
+        ones cost closed c1000 and open 2x about a fifth of their goodput, measured A/B).
+        The request then goes through aiohttp and `arrive`, which handles all of those."""
         self.limits()
-        if self.draining:
-            return False
         a = self.admission
+        if self.draining or a.held or a.pressed:
+            return False
         lag = self.lag_s
         now = self.clock()
-        if not a.held and lag >= a.max_wait_s(now):
+        if lag >= a.max_wait_s(now):
             return False
         return a.take_free(now - lag, now)
 
