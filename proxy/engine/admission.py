@@ -216,9 +216,7 @@ class Admission(Generic[T]):
         """A request that arrived at `arrived` (read at `now`, later when the loop was late):
         True: run now (a slot is taken). False: wait; `due` hands it back. None: shed at once
         (the queue is full)."""
-        if not self._waiting and self._inflight < self.limit.limit:
-            now = arrived if now is None else now
-            self._admitted(now - arrived, now)
+        if self.take_free(arrived, arrived if now is None else now):
             return True
         if self.full:
             self.refuse()

@@ -130,7 +130,11 @@ class DataProtocol(RequestHandler):
 
     def _answer_raw(self, answers: tuple[bytes, bytes], close: bool) -> None:
         """Write a canned answer, (keep-alive, close), for a request never parsed."""
-        self._write(answers[close])
+        self._answer_bytes(answers[close], close)
+
+    def _answer_bytes(self, answer: bytes, close: bool) -> None:
+        """Write an answer aiohttp never saw; then close, or restart the keep-alive clock."""
+        self._write(answer)
         if close:
             self.force_close()
         else:
@@ -222,13 +226,9 @@ class DataProtocol(RequestHandler):
             self._raw_busy = False
             self._raw_task = None
         close = close or srv.draining
-        self._write(raw_answer(status, payload, extra, close=close))
-        if close:
-            self.force_close()
-            return
-        self._next_keepalive_close_time = self._loop.time() + self._keepalive_timeout
+        self._answer_bytes(raw_answer(status, payload, extra, close=close), close)
         pending, self._raw_pending = self._raw_pending, b""
-        if pending:
+        if pending and not close:
             self.data_received(pending)
 
     def _arrived(self, before: int) -> None:

@@ -242,17 +242,7 @@ class DataPlane:
             return 500, orjson.dumps(error), [("Content-Type", JSON)]
         finally:
             current.leave(plan)
-        if json_length is None:
-            return 200, payload, [("Content-Type", JSON), ("x-model-version", answered)]
-        return (
-            200,
-            payload,
-            [
-                ("Content-Type", "application/octet-stream"),
-                ("x-model-version", answered),
-                (BINARY_HEADER, str(json_length)),
-            ],
-        )
+        return 200, payload, _infer_headers(answered, json_length)
 
     def _route(
         self, plan: Plan, name: str, version: str | None, header: Callable[[str], str | None]
@@ -362,12 +352,19 @@ async def _answer(
         raise
 
 
-def _infer_response(payload: bytes, answered: str, json_length: int | None) -> web.Response:
-    headers = {"x-model-version": answered}
+def _infer_headers(answered: str, json_length: int | None) -> list[tuple[str, str]]:
+    """An infer answer's headers, besides Content-Length (both paths send these)."""
     if json_length is None:
-        return web.Response(body=payload, content_type=JSON, headers=headers)
-    headers[BINARY_HEADER] = str(json_length)
-    return web.Response(body=payload, content_type="application/octet-stream", headers=headers)
+        return [("Content-Type", JSON), ("x-model-version", answered)]
+    return [
+        ("Content-Type", "application/octet-stream"),
+        ("x-model-version", answered),
+        (BINARY_HEADER, str(json_length)),
+    ]
+
+
+def _infer_response(payload: bytes, answered: str, json_length: int | None) -> web.Response:
+    return web.Response(body=payload, headers=dict(_infer_headers(answered, json_length)))
 
 
 def _binary_header_length(raw: str | None) -> int | None:

@@ -10,10 +10,11 @@ from __future__ import annotations
 import re
 from http import HTTPStatus
 
-from proxy.http.refusals import HEADER_LINE, plain_request
+from proxy.http.refusals import ordinary_lines, plain_request
 
 _INFER = re.compile(rb"/v2/models/([A-Za-z0-9_.-]+)/(?:versions/([A-Za-z0-9_.-]+)/)?infer")
 PlainInfer = tuple[str, str | None, dict[str, str], bytes, bool]
+_STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}" for s in HTTPStatus}
 
 
 def plain_infer(data: bytes) -> PlainInfer | None:
@@ -30,13 +31,13 @@ def plain_infer(data: bytes) -> PlainInfer | None:
     m = _INFER.fullmatch(target)
     if m is None:
         return None
+    ordinary = ordinary_lines(lines)
+    if ordinary is None:
+        return None
     headers: dict[str, str] = {}
-    if lines:
-        for line in lines.split(b"\r\n"):
-            if not HEADER_LINE.fullmatch(line):
-                return None
-            key, _, value = line.partition(b":")
-            headers.setdefault(key.decode().lower(), value.strip(b" \t").decode())
+    for line in ordinary:
+        key, _, value = line.partition(b":")
+        headers.setdefault(key.decode().lower(), value.strip(b" \t").decode())
     if headers.get("content-encoding", "identity").lower() != "identity" or "expect" in headers:
         return None
     body = data[data.find(b"\r\n\r\n") + 4 :]
@@ -47,7 +48,7 @@ def plain_infer(data: bytes) -> PlainInfer | None:
 def raw_answer(status: int, body: bytes, headers: list[tuple[str, str]], *, close: bool) -> bytes:
     """An HTTP/1.1 response as bytes: `headers` (Content-Type among them), Content-Length and,
     when `close`, Connection: close."""
-    head = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}"]
+    head = [_STATUS_LINES[status]]
     head += [f"{k}: {v}" for k, v in headers]
     head.append(f"Content-Length: {len(body)}")
     if close:

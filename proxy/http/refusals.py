@@ -118,7 +118,7 @@ _CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d{1,12})[ \t]*(?:\r\n
 
 
 # A header line a probe's fast path takes as it is: a token, a colon, visible ASCII.
-HEADER_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\x21-\x7e \t]*")
+_HEADER_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\x21-\x7e \t]*")
 
 
 # The server health documents (live and ready are constant while the process serves): the
@@ -145,9 +145,18 @@ def health_probe(data: bytes) -> tuple[bytes, bool] | None:
     (method, target, _), headers, close = plain
     if method != b"GET" or target not in HEALTH:
         return None
-    if headers and not all(HEADER_LINE.fullmatch(line) for line in headers.split(b"\r\n")):
+    if ordinary_lines(headers) is None:
         return None
     return target, close
+
+
+def ordinary_lines(headers: bytes) -> list[bytes] | None:
+    """The header lines of `headers` if each is a token, a colon and visible ASCII (what the
+    raw paths take as they are), else None."""
+    if not headers:
+        return []
+    lines = headers.split(b"\r\n")
+    return lines if all(_HEADER_LINE.fullmatch(line) for line in lines) else None
 
 
 def one_plain_request(data: bytes) -> bool | None:

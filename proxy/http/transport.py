@@ -203,9 +203,7 @@ class DataServer(web.Server):
         if self.draining:
             return False
         a = self.admission
-        if a.full:
-            return True
-        return not a.held and self.lag_s >= a.max_wait_s(self.clock())
+        return a.full or self._late(self.clock())
 
     def refuse_raw(self) -> None:
         self.admission.refuse()
@@ -221,11 +219,15 @@ class DataServer(web.Server):
         a = self.admission
         if self.draining or a.held or a.pressed:
             return False
-        lag = self.lag_s
         now = self.clock()
-        if lag >= a.max_wait_s(now):
-            return False
-        return a.take_free(now - lag, now)
+        return not self._late(now) and a.take_free(now - self.lag_s, now)
+
+    def _late(self, now: float) -> bool:
+        """The loop was later than a request may wait: a request read now sat unread in the
+        socket for about as long, past its deadline already. Never while the clients are held
+        (each refused would resend at once, a new arrival)."""
+        a = self.admission
+        return not a.held and self.lag_s >= a.max_wait_s(now)
 
     def arrive(self, conn: DataProtocol) -> bool | None:
         """May `conn`'s request run? (see Admission.arrive)"""
@@ -234,16 +236,12 @@ class DataServer(web.Server):
             self.admission.take()  # a drain refuses nothing already received
             return True
         a = self.admission
-        lag = self.lag_s
         now = self.clock()
-        if not a.held and lag >= a.max_wait_s(now):
-            # The loop was this late: the request sat unread in the socket for about as long,
-            # past its deadline already. Refuse it now, for the price of a canned answer. Not
-            # while the clients are held: each would resend at once, a new arrival.
+        if self._late(now):  # refused now, for the price of a canned answer
             a.refuse()
             self._count_shed()
             return None
-        verdict = a.arrive(conn, now - lag, now)
+        verdict = a.arrive(conn, now - self.lag_s, now)
         if verdict is None:
             self._count_shed()
         return verdict
