@@ -254,22 +254,3 @@ def test_a_hold_ends_when_more_requests_wait_than_its_connections_can_send() -> 
     a.arrive(object(), 0.13)
     hold.check(0.13)
     assert not a.held and a.limit.limit == MIN_LIMIT and hold.not_before == 0.13 + 1.0
-
-
-def test_a_window_that_queued_or_shed_marks_the_server_pressed() -> None:
-    """`pressed` (which keeps the fast path off) follows the last judged window: a request
-    waiting or shed in it sets it; a window with neither clears it."""
-    a = fixed(1)
-    hold = Hold(a)
-    a.arrive("a", 0.0)
-    hold.judge(0.1, lambda: (1, 1))
-    assert not a.pressed  # one running, none waiting, none shed
-    a.arrive("b", 0.1)
-    hold.judge(0.2, lambda: (2, 2))  # (idle connections: not held)
-    assert a.pressed and not a.held  # one waits
-    a.release(0.01)
-    assert a.due(0.5) == ([], ["b"])  # past its 100 ms: shed
-    hold.judge(0.6, lambda: (2, 2))
-    assert a.pressed and not a.waiting  # shed in the window
-    hold.judge(0.7, lambda: (2, 2))
-    assert not a.pressed

@@ -448,3 +448,51 @@ async def test_probes_are_answered_from_the_raw_bytes_as_the_handler_answers_the
         )
         == 400
     )
+
+
+async def test_a_plain_infer_waits_as_raw_bytes_and_is_served_shed_or_dropped_from_the_queue(
+    start: Any,
+    tmp_path: Path,
+    model_repo: Path,
+    gated_upstream: Any,
+    cancer_rows: Any,
+) -> None:
+    """A plain infer that finds no slot waits parked as its raw parse (no aiohttp message):
+    admitted, the fast path answers it (no Server header, which aiohttp's answers carry); shed,
+    its keep-alive connection goes on with the next request; a parked client that goes away
+    is dropped from the queue and takes no slot."""
+    up, _, url = gated_upstream
+    client, serving, _ = await behind_gate(start, tmp_path, model_repo, url, cancer_rows, 2, 300)
+    port, server = client.port, client.server._data_server
+    keep = post("/v2/models/cancer/infer", orjson.dumps(infer_body(cancer_rows[:1])), close=False)
+    up.gate.clear()
+    busy = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
+    for _, w in busy:
+        w.write(keep)
+    await until(lambda: up.received == 2, "up.received == 2")
+    # parked, then shed at its deadline: a canned 503, and the connection serves the next one
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    w.write(keep)
+    await until(lambda: server.admission.waiting == 1, "one parked")
+    head = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 10)
+    assert head.startswith(b"HTTP/1.1 503") and b"Retry-After: 1" in head
+    length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+    await r.readexactly(length)
+    # a parked client that disconnects is skipped: its turn gives no slot away
+    _, gone_w = await asyncio.open_connection("127.0.0.1", port)
+    gone_w.write(keep)
+    await until(lambda: server.admission.waiting == 1, "the second parked")
+    gone_w.close()
+    await until(lambda: server.admission.waiting == 0, "the gone one dropped")
+    # parked, then admitted when a slot frees: answered by the fast path
+    w.write(keep)
+    await until(lambda: server.admission.waiting == 1, "the third parked")
+    up.gate.set()
+    head = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 10)
+    assert head.startswith(b"HTTP/1.1 200") and b"\r\nServer:" not in head
+    for br, _ in busy:
+        assert (await asyncio.wait_for(br.readuntil(b"\r\n\r\n"), 10)).startswith(b"HTTP/1.1 200")
+    assert server.admission.inflight == 0 and server.admission.waiting == 0
+    assert serving.counters.shed_total == 1 and up.received == 3  # the gone one never ran
+    for _, bw in [*busy, (r, w)]:
+        bw.close()

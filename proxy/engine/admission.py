@@ -159,7 +159,6 @@ class Admission(Generic[T]):
         self._least_wait_s = math.inf  # and whether the last one's least wait was over target
         self._standing = False
         self.held = False  # set by the server: the clients wait on us (closed loop)
-        self.pressed = False  # set by the hold's judge: the last window queued or shed
         self.admitted_total = 0
         self.shed_total = 0
         self.waited_total = 0
@@ -368,7 +367,6 @@ class Hold:
         admitted = a.admitted_total - self._admitted_mark
         shed = a.shed_total - self._shed_mark
         self._admitted_mark, self._shed_mark = a.admitted_total, a.shed_total
-        a.pressed = bool(shed or a.waiting)
         self._churn_limit = max(float(CHURN_MIN), CHURN_SHARE * admitted)
         self._quiet = self._accepts <= self._churn_limit
         self._accepts = 0

@@ -209,19 +209,6 @@ class DataServer(web.Server):
         self.admission.refuse()
         self._count_shed()
 
-    def slot_now(self) -> bool:
-        """The fast path's admission: a slot taken at once (True), or False when it would have
-        to wait or be refused, the drain runs, or the server is under pressure (the clients
-        held, or the last window queued or shed: interleaving fast-path requests with queued
-        ones cost closed c1000 and open 2x about a fifth of their goodput, measured A/B).
-        The request then goes through aiohttp and `arrive`, which handles all of those."""
-        self.limits()
-        a = self.admission
-        if self.draining or a.held or a.pressed:
-            return False
-        now = self.clock()
-        return not self._late(now) and a.take_free(now - self.lag_s, now)
-
     def _late(self, now: float) -> bool:
         """The loop was later than a request may wait: a request read now sat unread in the
         socket for about as long, past its deadline already. Never while the clients are held
