@@ -20,7 +20,7 @@ import numpy as np
 import orjson
 import pytest
 from aiohttp import web
-from hypothesis import HealthCheck, example, given, note, settings
+from hypothesis import HealthCheck, event, example, given, note, settings
 from hypothesis import strategies as st
 
 from proxy.config import schema
@@ -644,3 +644,97 @@ def test_json_floats_decode_as_a_guarded_cast_would(row: list[float]) -> None:
         return
     got = parse_infer_request(body, SPECS[0], ids=IDS).x
     assert got.dtype == np.float32 and np.array_equal(got, want)
+
+
+# ---------------------------------------------------------------- the fast path's parser
+
+_HEADER_NAMES = [
+    "Host", "Content-Type", "Content-Length", "content-length", "Connection", "Content-Encoding",
+    "Transfer-Encoding", "Expect", "Upgrade", "X-User-Id", "inference-header-content-length",
+    "Accept", "X Bad", "Bad:Name", "Ünicode",
+]  # fmt: skip
+_HEADER_VALUES = [
+    "x", "application/json", "close", "keep-alive", "keep-alive, close", "Close", "gzip",
+    "identity", "chunked", "100-continue", "websocket", "  padded  ", "\tx\t", "v\x01",
+    "ü", "5", "+5", "05", "1" * 13, "",
+]  # fmt: skip
+
+
+@st.composite
+def raw_requests(draw: st.DrawFn) -> bytes:
+    """Mostly plain infer requests, with generated header lines, lengths and tails."""
+    path = draw(
+        st.sampled_from(
+            [b"/v2/models/cancer/infer"] * 3 + [b"/v2/models/m.1/versions/v-2/infer"] * 2 +
+            [b"/v2/models//infer",
+             b"/v2/models/cancer/infer?x=1", b"/v2/models/cancer/ready"]
+        )
+    )  # fmt: skip
+    line = draw(
+        st.sampled_from([b"POST %s HTTP/1.1"] * 4 + [b"POST %s HTTP/1.0", b"GET %s HTTP/1.1"])
+    )
+    body = draw(st.binary(max_size=12))
+    benign = st.sampled_from(
+        [("Content-Type", "application/json"), ("X-User-Id", "u1"), ("Accept", "*/*"),
+         ("Connection", "keep-alive"), ("Connection", "close"), ("Content-Encoding", "identity")]
+    )  # fmt: skip
+    risky = st.tuples(st.sampled_from(_HEADER_NAMES), st.sampled_from(_HEADER_VALUES))
+    headers = draw(st.lists(benign | benign | benign | risky, max_size=4))
+    lines = [f"{k}: {v}".encode() for k, v in headers]
+    if draw(st.integers(0, 9)):
+        lines.insert(0, b"Host: x")
+    if draw(st.integers(0, 9)):
+        lines.append(b"Content-Length: %d" % (len(body) + draw(st.sampled_from([0] * 8 + [1, -1]))))
+    if not draw(st.integers(0, 9)):
+        lines.insert(draw(st.integers(0, len(lines))), b" folded")
+    tail = draw(st.sampled_from([b"", b"", b"", b"", b"", b"GET / HTTP/1.1\r\n\r\n", b"x"]))
+    return (line % path) + b"\r\n" + b"".join(x + b"\r\n" for x in lines) + b"\r\n" + body + tail
+
+
+def _aiohttp_parse(data: bytes) -> tuple[Any, bytes] | None:
+    """aiohttp's own parser on `data`: (its one message, the body) or None when it does not
+    parse as exactly one whole request."""
+    from aiohttp.base_protocol import BaseProtocol
+    from aiohttp.http_parser import HttpRequestParser
+
+    loop = asyncio.new_event_loop()
+    try:
+        parser = HttpRequestParser(BaseProtocol(loop), loop, 2**16, max_field_size=8190)
+        try:
+            messages, upgraded, tail = parser.feed_data(data)
+        except Exception:  # any parse error: not one plain request
+            return None
+        if len(messages) != 1 or upgraded or tail:
+            return None
+        msg, payload = messages[0]
+        if not payload.is_eof():
+            return None
+        return msg, b"".join(getattr(payload, "_buffer", ()))
+    finally:
+        loop.close()
+
+
+@settings(PURE, max_examples=800)  # a tenth or so are plain infers the fast path takes
+@given(raw_requests())
+@example(b"POST /v2/models/cancer/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+def test_the_fast_path_parser_reads_what_aiohttps_reads(data: bytes) -> None:
+    """Whatever `plain_infer` takes, aiohttp's parser reads as the same one request: the same
+    path, headers (the first of repeats), body and keep-alive; what it leaves, aiohttp judges."""
+    from proxy.http.fastpath import plain_infer
+
+    plain = plain_infer(data)
+    note(repr(plain))
+    event("taken by the fast path" if plain else "left to aiohttp")
+    if plain is None:
+        return
+    parsed = _aiohttp_parse(data)
+    assert parsed is not None, "plain_infer took a request aiohttp does not parse as one"
+    msg, body = parsed
+    model, version, headers, got_body, close = plain
+    want_path = f"/v2/models/{model}" + (f"/versions/{version}" if version else "") + "/infer"
+    assert msg.method == "POST" and msg.path == want_path and msg.version == (1, 1)
+    assert got_body == body and close == msg.should_close
+    assert msg.headers.get("Content-Encoding", "identity").lower() == "identity"
+    for name, value in headers.items():
+        assert msg.headers.get(name) == value
+    assert len(headers) == len({k.lower() for k in msg.headers})
