@@ -7,7 +7,9 @@ from proxy.engine.admission import (
     CHURN_MIN,
     CODEL_INTERVAL_S,
     CODEL_TARGET_S,
+    CONGESTED_S,
     HELD_FACTOR,
+    HOLD_GROWTH,
     LAG_BACKOFF,
     LAG_TARGET_S,
     MIN_LIMIT,
@@ -34,25 +36,33 @@ def test_slots_then_a_fifo_queue_then_the_deadline_from_arrival() -> None:
     assert a.due(0.119) == ([], [])
     run, shed = a.due(0.121)
     assert (run, shed) == ([], ["d"]) and a.shed_total == 1
-    assert not a.lifo  # the queue emptied: back to FIFO
+    assert a.lifo  # congested: a shed in the last CONGESTED_S, though the queue is empty
+    assert a.max_wait_s(0.122) == CODEL_TARGET_S
+    assert a.due(0.121 + CONGESTED_S) == ([], [])
+    assert not a.lifo and a.max_wait_s(0.121 + CONGESTED_S) == 0.1  # no shed for CONGESTED_S
 
 
-def test_after_a_shed_the_newest_go_first_until_the_queue_empties() -> None:
+def test_after_a_shed_the_newest_go_first_and_wait_at_most_the_codel_target() -> None:
+    """Congested (a shed in the last CONGESTED_S, open loop): LIFO, and a wait past
+    CODEL_TARGET_S is shed, so the queue that a shed emptied does not refill FIFO with the
+    full deadline (which admitted every request of the next ~100 ms late)."""
     a = fixed(1)
     assert a.arrive("x", 0.0) is True
-    for i, t in enumerate((0.00, 0.05, 0.09, 0.095)):
+    for i, t in enumerate((0.00, 0.05, 0.094, 0.095)):
         assert a.arrive(f"w{i}", t) is False
-    run, shed = a.due(0.101)  # w0 is past its deadline
-    assert shed == ["w0"] and run == [] and a.lifo
+    run, shed = a.due(0.101)  # w0 is past its deadline; w1 past the CODEL target now
+    assert shed == ["w0", "w1"] and run == [] and a.lifo
     a.release(0.1)
     run, shed = a.due(0.102)
-    assert run == ["w3"] and shed == []  # the newest waiter, not w1
+    assert run == ["w3"] and shed == []  # the newest waiter
     a.release(0.001)
     run, _ = a.due(0.103)
     assert run == ["w2"]
+    a.arrive("y", 0.104)  # a slot is taken: y waits
     a.release(0.001)
-    run, _ = a.due(0.104)
-    assert run == ["w1"] and not a.lifo
+    a.arrive("z", 0.105)
+    run, shed = a.due(0.1045 + CODEL_TARGET_S)  # y is 10.5 ms old: shed; z runs
+    assert (run, shed) == (["z"], ["y"]) and a.lifo
 
 
 def test_cancelled_waiters_are_skipped_and_a_drain_admits_all() -> None:
@@ -103,10 +113,12 @@ def test_the_limit_cuts_on_loop_lag_in_open_loop_and_grows_while_used() -> None:
     assert lim.limit == 512  # never past the ceiling
 
 
-def test_held_clients_get_the_ceiling_and_idle_ones_never_grow_the_limit() -> None:
+def test_held_clients_grow_to_the_ceiling_and_idle_ones_never_grow_the_limit() -> None:
     held = AdaptiveLimit(ceiling=512, adaptive=True)
     run_windows(held, 1, lag_s=10 * LAG_TARGET_S, inflight=None, held=True)
-    assert held.limit == 512  # lag in closed loop is the clients' own queue: full batches, FIFO
+    assert held.limit == 64 * HOLD_GROWTH  # lag in closed loop is the clients' own queue
+    run_windows(held, 2, lag_s=10 * LAG_TARGET_S, inflight=None, held=True)
+    assert held.limit == 512  # the ceiling three windows in: full batches, FIFO
     run_windows(held, 1, lag_s=10 * LAG_TARGET_S, inflight=None, held=False)
     assert held.limit == int(512 * LAG_BACKOFF)  # the hold over, the lag cuts again
     idle = AdaptiveLimit(ceiling=512, adaptive=True)
@@ -210,10 +222,33 @@ def test_a_hold_needs_busy_connections_and_few_opening_and_ends_when_more_open()
     assert hold.not_before == 3.65 + 1.0  # the empty queue reset the backoff
 
 
+def test_no_connection_open_ends_the_hold_and_its_backoff() -> None:
+    """When the last connection closes (the server's heartbeat stops, so no window is judged)
+    the load is over: a closed loop that follows an open loop is held at its first saturated
+    window, not after the open loop's backoff."""
+    a = fixed(1)
+    hold = Hold(a)
+    a.arrive("x", 0.0)
+    a.arrive("w", 0.0)
+    hold.judge(0.1, lambda: (0, 10))
+    assert a.held
+    for _ in range(9):
+        hold.opened(0.15)  # open loop after all
+    assert not a.held and hold.not_before == 1.15
+    for _ in range(9):
+        hold.opened(0.16)
+    hold.idle()  # every connection closed
+    hold.judge(0.3, lambda: (0, 10))  # a new, closed-loop load: quiet since the idle
+    assert a.held
+    for _ in range(9):
+        hold.opened(0.35)
+    assert hold.not_before == 0.35 + 1.0  # the backoff started afresh
+
+
 def test_a_misjudged_hold_gives_back_the_limit_it_replaced() -> None:
     """A hold ended by connections opening (open loop after all) restores the limit from
-    before it at once; a hold that ends because the clients have room again decays from the
-    ceiling as the lag says."""
+    before it at once; a hold that ends because the clients have room again decays from where
+    it grew to as the lag says."""
     a = Admission(limit=AdaptiveLimit(ceiling=512, adaptive=True), deadline_s=0.1)
     hold = Hold(a)
     run_windows(a.limit, 3, lag_s=10 * LAG_TARGET_S, inflight=None, held=False)
@@ -222,14 +257,14 @@ def test_a_misjudged_hold_gives_back_the_limit_it_replaced() -> None:
         a.arrive(object(), 0.0)  # the last one waits
     hold.judge(0.1, lambda: (0, 100))
     a.limit.window(held=a.held)
-    assert a.held and a.limit.limit == 512
+    assert a.held and a.limit.limit == MIN_LIMIT * HOLD_GROWTH  # growing to the ceiling
     for _ in range(9):
         hold.opened(0.15)  # 9 > 8 opened: open loop
     assert not a.held and a.limit.limit == MIN_LIMIT
     a.limit.window(held=True)  # a true hold, ended by idle connections: no restore
     a.limit.window(held=False)
     a.limit.misjudged()
-    assert a.limit.limit == 512  # (no lag in that window: the limit stays)
+    assert a.limit.limit == MIN_LIMIT * HOLD_GROWTH  # (no lag in that window: it stays)
 
 
 def test_a_hold_ends_when_more_requests_wait_than_its_connections_can_send() -> None:

@@ -130,6 +130,7 @@ class DataServer(web.Server):
         if self._open <= 0:
             self._beat_handle = None
             self.lag_s = 0.0
+            self.hold.idle()
             return
         self._beat_due = now + HEARTBEAT_S
         self._beat_handle = self._loop.call_later(HEARTBEAT_S, self._beat)
