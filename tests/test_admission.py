@@ -8,6 +8,7 @@ from proxy.engine.admission import (
     CODEL_INTERVAL_S,
     CODEL_TARGET_S,
     CONGESTED_S,
+    CONGESTED_WAIT_S,
     HELD_FACTOR,
     HOLD_GROWTH,
     LAG_BACKOFF,
@@ -37,20 +38,20 @@ def test_slots_then_a_fifo_queue_then_the_deadline_from_arrival() -> None:
     run, shed = a.due(0.121)
     assert (run, shed) == ([], ["d"]) and a.shed_total == 1
     assert a.lifo  # congested: a shed in the last CONGESTED_S, though the queue is empty
-    assert a.max_wait_s(0.122) == CODEL_TARGET_S
+    assert a.max_wait_s(0.122) == CONGESTED_WAIT_S
     assert a.due(0.121 + CONGESTED_S) == ([], [])
     assert not a.lifo and a.max_wait_s(0.121 + CONGESTED_S) == 0.1  # no shed for CONGESTED_S
 
 
-def test_after_a_shed_the_newest_go_first_and_wait_at_most_the_codel_target() -> None:
+def test_after_a_shed_the_newest_go_first_and_wait_at_most_the_congested_wait() -> None:
     """Congested (a shed in the last CONGESTED_S, open loop): LIFO, and a wait past
-    CODEL_TARGET_S is shed, so the queue that a shed emptied does not refill FIFO with the
+    CONGESTED_WAIT_S is shed, so the queue that a shed emptied does not refill FIFO with the
     full deadline (which admitted every request of the next ~100 ms late)."""
     a = fixed(1)
     assert a.arrive("x", 0.0) is True
-    for i, t in enumerate((0.00, 0.05, 0.094, 0.095)):
+    for i, t in enumerate((0.00, 0.05, 0.0985, 0.099)):
         assert a.arrive(f"w{i}", t) is False
-    run, shed = a.due(0.101)  # w0 is past its deadline; w1 past the CODEL target now
+    run, shed = a.due(0.101)  # w0 is past its deadline; w1 past the congested wait now
     assert shed == ["w0", "w1"] and run == [] and a.lifo
     a.release(0.1)
     run, shed = a.due(0.102)
@@ -61,7 +62,7 @@ def test_after_a_shed_the_newest_go_first_and_wait_at_most_the_codel_target() ->
     a.arrive("y", 0.104)  # a slot is taken: y waits
     a.release(0.001)
     a.arrive("z", 0.105)
-    run, shed = a.due(0.1045 + CODEL_TARGET_S)  # y is 10.5 ms old: shed; z runs
+    run, shed = a.due(0.1045 + CONGESTED_WAIT_S)  # y is 5.5 ms old: shed; z runs
     assert (run, shed) == (["z"], ["y"]) and a.lifo
 
 
