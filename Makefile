@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck unit bench overload wrk install clean models debs
+.PHONY: run test lint typecheck unit bench overload soak wrk install clean models debs
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,9 @@ bench: $(STAMP) models wrk
 
 overload: $(STAMP) models wrk
 	$(BIN)/python bench/overload.py
+
+soak: $(STAMP) models wrk
+	$(BIN)/python bench/soak.py
 
 clean:
 	rm -rf $(VENV) models .pytest_cache .mypy_cache .ruff_cache

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import socket
 import statistics
 import subprocess
@@ -49,6 +48,7 @@ import orjson
 from harness.configs import dump_toml
 from harness.load import run_wrk
 from harness.payloads import cancer_rows, infer_bodies, write_bodies, write_lua
+from harness.proc import cpu_seconds, rss_mb
 from harness.servers import BENCH, INFER_PATH, MODELS, ROOT, Server, ServerSpec, running
 from harness.transcript import Transcript
 from harness.worktree import Baseline, baseline_worktree
@@ -62,7 +62,6 @@ REFERENCE_SHED_MAX = 0.01  # the 0.7 x run sheds at most this share, or it is no
 DRIFT_MAX = 0.15  # capacity before and after the loads differing by more: the run is not comparable
 PROBE_EVERY_S = 0.1
 PROBE_TIMEOUT_S = 30.0
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def proxy_config(port: int, admin: int, base: Path) -> str:
@@ -87,18 +86,6 @@ def spec(name: str, base: Path, cwd: Path) -> ServerSpec:
         return [sys.executable, "-m", "proxy", "serve", "--config", str(path)]
 
     return ServerSpec(name, "mlproxy", cmd, cwd=cwd)
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return round(int(line.split()[1]) / 1024, 1)
-    return 0.0
 
 
 class Prober:

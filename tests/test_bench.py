@@ -387,3 +387,17 @@ def test_overload_ab_refuses_a_load_it_cannot_read_before_starting_anything() ->
         ab.main(["--ref", "main", "2", "c1000", "fast"])
     assert exc.value.code == 2
     assert ab.median([{"p99_ms": 3.0}, {"p99_ms": None}, {"p99_ms": 1.0}], "p99_ms") == 2.0
+
+
+def test_soak_growth_is_judged_from_the_first_sample_past_the_warmup() -> None:
+    soak = _bench_module("soak")
+    samples = [
+        {"requests": 0, "rss_mb": 100.0},
+        {"requests": 60_000, "rss_mb": 150.0},  # warm-up: arenas, the prediction store's ring
+        {"requests": 120_000, "rss_mb": 160.0},
+        {"requests": 1_000_000, "rss_mb": 168.0},
+    ]
+    grew, reference = soak.growth(samples, 100_000)
+    assert reference["requests"] == 120_000 and abs(grew - 0.05) < 1e-9
+    assert soak.growth(samples[:2], 100_000) == (None, {})  # nothing past the warm-up
+    assert soak.growth(samples[:3], 100_000)[0] is None  # one sample: no growth to judge
