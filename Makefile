@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck unit bench overload soak wrk install clean models debs
+.PHONY: run test lint typecheck unit bench overload soak vs-mlserver mlserver-venv wrk install clean models debs
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -49,5 +49,16 @@ overload: $(STAMP) models wrk
 soak: $(STAMP) models wrk
 	$(BIN)/python bench/soak.py
 
+# Seldon MLServer for bench/vs_mlserver.py, in a venv of its own: its pins are not ours
+MLSERVER_VENV := .venv-mlserver
+mlserver-venv: $(MLSERVER_VENV)/bin/mlserver
+
+$(MLSERVER_VENV)/bin/mlserver:
+	$(PYTHON) -m venv $(MLSERVER_VENV)
+	$(MLSERVER_VENV)/bin/pip install --quiet mlserver==1.7.1 mlserver-sklearn==1.7.1
+
+vs-mlserver: $(STAMP) models wrk mlserver-venv
+	$(BIN)/python bench/vs_mlserver.py
+
 clean:
-	rm -rf $(VENV) models .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(MLSERVER_VENV) models .pytest_cache .mypy_cache .ruff_cache
