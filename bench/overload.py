@@ -49,6 +49,7 @@ from harness.configs import dump_toml
 from harness.load import run_wrk
 from harness.payloads import cancer_rows, infer_bodies, write_bodies, write_lua
 from harness.proc import cpu_seconds, rss_mb
+from harness.report import save_run
 from harness.servers import BENCH, INFER_PATH, MODELS, ROOT, Server, ServerSpec, running
 from harness.transcript import Transcript
 from harness.worktree import Baseline, baseline_worktree
@@ -399,8 +400,7 @@ def main(argv: list[str] | None = None) -> int:
                     results[s.name] = measure(srv, tmp, args, t)
     ok = report(t, results)
     if args.out:
-        args.out.with_suffix(".json").write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
-        t.save(args.out.with_suffix(".md"))
+        save_run(args.out, results, t)
     return 0 if ok else 1
 
 

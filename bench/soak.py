@@ -23,12 +23,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from harness.configs import mlproxy_config
 from harness.load import run_wrk
 from harness.payloads import cancer_rows, infer_bodies, write_lua
 from harness.proc import cpu_seconds, rss_mb
+from harness.report import save_run
 from harness.servers import INFER_PATH, ServerSpec, running
 from harness.transcript import Transcript
 
@@ -137,8 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             "samples": samples,
             "passed": passed,
         }
-        args.out.with_suffix(".json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
-        t.save(args.out.with_suffix(".md"))
+        save_run(args.out, result, t)
     return 0 if passed else 1
 
 

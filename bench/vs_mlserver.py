@@ -35,6 +35,7 @@ import orjson
 from harness.configs import mlproxy_config
 from harness.load import run_wrk
 from harness.payloads import cancer_rows, infer_bodies, write_lua
+from harness.report import save_run
 from harness.servers import INFER_PATH, ROOT, ServerSpec, running
 from harness.transcript import Transcript
 
@@ -201,8 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             "clean": clean,
             "mlserver_clean": theirs_clean,
         }
-        args.out.with_suffix(".json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
-        t.save(args.out.with_suffix(".md"))
+        save_run(args.out, result, t)
     return 0 if clean else 1
 
 

@@ -72,6 +72,12 @@ def write_json(path: Path, doc: dict[str, Any]) -> None:
     path.write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n")
 
 
+def save_run(out: Path, doc: dict[str, Any], transcript: Transcript) -> None:
+    """A run's figures as <out>.json and what the terminal showed as <out>.md."""
+    write_json(out.with_suffix(".json"), doc)
+    transcript.save(out.with_suffix(".md"))
+
+
 def _package_version(name: str) -> str:
     from importlib.metadata import PackageNotFoundError, version
 
