@@ -628,16 +628,23 @@ def test_config_loader_on_generated_files(config_file: Path, lines: list[str], t
         | st.sampled_from([3.4028235e38, 3.4028235677973366e38, 3.5e38, -3.5e38, 1e-46]),
         min_size=FEATURES,
         max_size=FEATURES,
-    )
+    ),
+    st.sampled_from([1, 10]),
+    st.booleans(),
 )
-def test_json_floats_decode_as_a_guarded_cast_would(row: list[float]) -> None:
+def test_json_floats_decode_as_a_guarded_cast_would(
+    row: list[float], rows: int, nested: bool
+) -> None:
     """JSON floats for an FP32 model skip the overflow guard when they fit its range; the
-    answer is the guarded cast's either way: the same array, or 400 for what overflows."""
+    answer is the guarded cast's either way: the same array, or 400 for what overflows. Short
+    flat data is range-checked in Python, nested or long data (10 rows: 300 values) by numpy."""
+    batch = [row[i:] + row[:i] for i in range(rows)]
+    data: list[Any] = batch if nested else [v for r in batch for v in r]
     body = orjson.dumps(
-        {"inputs": [{"name": "input", "shape": [1, FEATURES], "datatype": "FP64", "data": row}]}
+        {"inputs": [{"name": "input", "shape": [rows, FEATURES], "datatype": "FP64", "data": data}]}
     )
     with np.errstate(over="ignore", invalid="ignore"):
-        want = np.array([row]).astype(np.float32)
+        want = np.array(batch).astype(np.float32)
     if not np.isfinite(want).all():
         with pytest.raises(InvalidInputError, match="not finite"):
             parse_infer_request(body, SPECS[0], ids=IDS)

