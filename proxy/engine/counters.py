@@ -6,9 +6,12 @@ shared memory."""
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Any
+
+import numpy as np
 
 from proxy.config.schema import VersionKey
-from proxy.engine.stats import VersionStats
+from proxy.engine.stats import STATS_COLUMNS, VersionStats
 
 
 class FeedbackOutcome(StrEnum):
@@ -31,6 +34,14 @@ class Refusal(StrEnum):
 class ReloadOutcome(StrEnum):
     OK = "ok"
     ERROR = "error"
+
+
+# Vector layouts for publishing into shared memory (engine/pool.py): one vector for the
+# process's own counts, one per version (its statistics, then its fallbacks) and one per model.
+PROCESS_COLUMNS = 1 + len(ReloadOutcome) + len(Refusal)  # shed, reloads, refusals
+VERSION_COLUMNS = STATS_COLUMNS + 1
+MODEL_COLUMNS = 1 + len(FeedbackOutcome)  # non-finite inputs, feedback by outcome
+Vector = np.ndarray[Any, Any]
 
 
 class Counters:
@@ -97,3 +108,45 @@ class Counters:
 
     def feedback_counts(self) -> dict[tuple[str, FeedbackOutcome], int]:
         return dict(self._feedback)
+
+    # ---------------------------------------------------------------- vectors
+
+    def write_process(self, out: Vector) -> None:
+        """The process's own counts into PROCESS_COLUMNS int64s."""
+        out[:] = (self._shed, *self._reloads.values(), *self._refused.values())
+
+    def read_process(self, v: Vector) -> None:
+        """Take the process's counts from a vector `write_process` wrote, or a sum of them."""
+        n = len(ReloadOutcome)
+        self._shed = int(v[0])
+        self._reloads = {k: int(x) for k, x in zip(ReloadOutcome, v[1 : 1 + n], strict=True)}
+        self._refused = {
+            k: int(x) for k, x in zip(Refusal, v[1 + n : PROCESS_COLUMNS], strict=True)
+        }
+
+    def write_version(self, key: VersionKey, out: Vector) -> None:
+        """One version's statistics and fallbacks into VERSION_COLUMNS int64s."""
+        self.version(key).write(out[:STATS_COLUMNS])
+        out[STATS_COLUMNS] = self._fallbacks.get(key, 0)
+
+    def read_version(self, key: VersionKey, v: Vector) -> None:
+        self.version(key).read(v[:STATS_COLUMNS])
+        self._fallbacks[key] = int(v[STATS_COLUMNS])
+
+    def write_model(self, model: str, out: Vector) -> None:
+        """One model's non-finite inputs and feedback outcomes into MODEL_COLUMNS int64s."""
+        out[0] = self._nonfinite.get(model, 0)
+        out[1:] = [self._feedback.get((model, o), 0) for o in FeedbackOutcome]
+
+    def read_model(self, model: str, v: Vector) -> None:
+        _put(self._nonfinite, model, int(v[0]))
+        for o, n in zip(FeedbackOutcome, v[1:MODEL_COLUMNS], strict=True):
+            _put(self._feedback, (model, o), int(n))
+
+
+def _put(counts: dict[Any, int], key: Any, n: int) -> None:
+    """Set a sparse count: a key is present only while its count is not 0."""
+    if n:
+        counts[key] = n
+    else:
+        counts.pop(key, None)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from multiprocessing import resource_tracker, shared_memory
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ PREFIX = "mlproxy"
 SHM_DIR = Path("/dev/shm")  # where Linux keeps POSIX shared memory (shm_open) by name
 MAGIC = 0x6D6C70726F787931  # "mlproxy1": a segment made by this module, in this layout
 HEADER = 4  # int64s before the counts: magic, slots, columns, owner pid
+OPEN_WAIT_S = 1.0  # how long `open` waits for another process to finish making a segment
 _NAME = re.compile(rf"^{PREFIX}-(\d+)-[A-Za-z0-9_.-]+$")
 
 
@@ -50,25 +52,55 @@ class SharedCounts:
         self._rows: Array = buf[HEADER:].reshape(slots, columns)
 
     @classmethod
-    def create(cls, tag: str, *, slots: int, columns: int) -> SharedCounts:
-        """A new zeroed segment named for this process and `tag` (the owner's side)."""
+    def create(
+        cls, tag: str, *, slots: int, columns: int, group: int | None = None
+    ) -> SharedCounts:
+        """A new zeroed segment named for `group` (default: this process, which then replaces
+        a leftover of its pid) and `tag`. The group's pid is its owner: only the owner's exit
+        (`unlink_owned`, or `sweep_stale` after it) removes it, whoever of the group made it."""
         if slots < 1 or columns < 0:
             raise ValueError(
                 f"a shared count array needs slots >= 1 and columns >= 0, not {slots}, {columns}"
             )
-        name = segment_name(os.getpid(), tag)
+        me = os.getpid()
+        owner = me if group is None else group
+        name = segment_name(owner, tag)
         size = 8 * (HEADER + slots * columns)
         try:
             shm = shared_memory.SharedMemory(name=name, create=True, size=size)
-        except FileExistsError:  # this pid's own leftover (a pid reused after a kill -9)
+        except FileExistsError:
+            if group is not None:
+                raise  # the group's: `open` attaches to it
+            # this pid's own leftover (a pid reused after a kill -9)
             stale = shared_memory.SharedMemory(name=name)
             stale.close()
             stale.unlink()
             shm = shared_memory.SharedMemory(name=name, create=True, size=size)
+        if owner != me:
+            _untrack(shm)
         counts = cls(shm, slots=slots, columns=columns)
         counts._rows[:] = 0
-        counts._header[:] = (MAGIC, slots, columns, os.getpid())
+        counts._header[1:] = (slots, columns, owner)
+        counts._header[0] = MAGIC  # last: a reader that sees the magic sees the shape
         return counts
+
+    @classmethod
+    def open(cls, group: int, tag: str, *, slots: int, columns: int) -> SharedCounts:
+        """The group's segment for `tag`, made by whichever process of the group asks first
+        (a worker meeting a version the others have not served yet)."""
+        try:
+            return cls.create(tag, slots=slots, columns=columns, group=group)
+        except FileExistsError:
+            pass
+        name = segment_name(group, tag)
+        deadline = time.monotonic() + OPEN_WAIT_S
+        while True:  # its maker may be between creating it and writing its header
+            try:
+                return cls.attach(name, slots=slots, columns=columns)
+            except SharedCountsError:
+                if time.monotonic() > deadline:
+                    raise
+            time.sleep(0.001)  # bounded by OPEN_WAIT_S: a header is 4 stores away
 
     @classmethod
     def attach(cls, name: str, *, slots: int, columns: int) -> SharedCounts:
@@ -77,14 +109,18 @@ class SharedCounts:
             shm = shared_memory.SharedMemory(name=name)
         except FileNotFoundError:
             raise SharedCountsError(f"shared memory segment {name} does not exist") from None
+        except ValueError:  # mmap of an empty file: its maker has not sized it yet
+            raise SharedCountsError(f"shared memory segment {name} is still being made") from None
+        if shm.size < 8 * HEADER:
+            _untrack(shm)
+            shm.close()
+            raise SharedCountsError(f"shared memory segment {name} is still being made")
         header: Array = np.ndarray((HEADER,), dtype=np.int64, buffer=shm.buf)
         found = (int(header[0]), int(header[1]), int(header[2]))
         owner = int(header[3])
         del header
         if owner != os.getpid():
-            # Python 3.11 registers an attached segment with this process's resource tracker,
-            # which would unlink it when this process exits: the owner's segment, in use.
-            resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
+            _untrack(shm)
         if found != (MAGIC, slots, columns):
             shm.close()
             raise SharedCountsError(
@@ -128,6 +164,12 @@ class SharedCounts:
             pass
 
 
+def _untrack(shm: shared_memory.SharedMemory) -> None:
+    """Python 3.11 registers every segment a process makes or attaches with that process's
+    resource tracker, which unlinks it when the process exits: not ours to remove."""
+    resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
+
+
 def segment_name(pid: int, tag: str) -> str:
     name = f"{PREFIX}-{pid}-{tag}"
     if not _NAME.match(name):
@@ -152,6 +194,19 @@ def sweep_stale(shm_dir: Path = SHM_DIR) -> list[str]:
         except OSError:
             continue
         removed.append(path.name)
+    return removed
+
+
+def unlink_owned(pid: int, shm_dir: Path = SHM_DIR) -> list[str]:
+    """Unlink every segment of `pid`'s group (its owner's exit, once its workers are gone),
+    whoever of the group made it; returns their names."""
+    removed: list[str] = []
+    for name in owned_by(pid, shm_dir):
+        try:
+            (shm_dir / name).unlink()
+        except OSError:
+            continue
+        removed.append(name)
     return removed
 
 

@@ -17,6 +17,16 @@ EXPORT_EVERY = 10
 _LOG_LO = _K_LO / _PER_DECADE
 N_LATENCY_BINS = LATENCY_EDGES.size + 1  # bin 0: below the first edge; last bin: above the last
 
+# The vector layout of `VersionStats.write`: [requests, errors, rows, latency sum (ns)],
+# latency bucket counts, then the mirror's [sent, dropped, yielded, failed, compared,
+# label_rows, agreed, |diff| sum (nano-units), |diff| count, breaker_opened, latency sum (ns)]
+# and its latency bucket counts.
+NANO = 1e9
+_V_SCALARS, _M_SCALARS = 4, 11
+MIRROR_COLUMNS = _M_SCALARS + N_LATENCY_BINS
+_V_MIRROR = _V_SCALARS + N_LATENCY_BINS
+STATS_COLUMNS = _V_MIRROR + MIRROR_COLUMNS
+
 
 def latency_bin(seconds: float) -> int:
     """Index of the bucket holding `seconds` (bucket i covers [edges[i-1], edges[i]))."""
@@ -99,6 +109,25 @@ class MirrorStats:
     def agreement(self) -> float | None:
         return self.agreed / self.label_rows if self.label_rows else None
 
+    def write(self, out: np.ndarray[Any, Any]) -> None:
+        """Everything into `out` (MIRROR_COLUMNS int64s, see `VersionStats.write`)."""
+        out[:_M_SCALARS] = (
+            self.sent, self.dropped, self.yielded, self.failed, self.compared, self.label_rows,
+            self.agreed, round(self.abs_diff_sum * NANO), self.abs_diff_count,
+            self.breaker_opened, round(self.latency.sum * NANO),
+        )  # fmt: skip
+        out[_M_SCALARS:] = self.latency.counts
+
+    def read(self, v: np.ndarray[Any, Any]) -> None:
+        """Take every field from a vector `write` wrote (or a sum of such vectors)."""
+        (
+            self.sent, self.dropped, self.yielded, self.failed, self.compared, self.label_rows,
+            self.agreed, diff_nano, self.abs_diff_count, self.breaker_opened, latency_nano,
+        ) = (int(x) for x in v[:_M_SCALARS])  # fmt: skip
+        self.abs_diff_sum = diff_nano / NANO
+        self.latency.sum = latency_nano / NANO
+        self.latency.counts = np.array(v[_M_SCALARS:MIRROR_COLUMNS], dtype=np.int64)
+
     def mean_abs_diff(self) -> float | None:
         return self.abs_diff_sum / self.abs_diff_count if self.abs_diff_count else None
 
@@ -112,6 +141,29 @@ class VersionStats:
     rows: int = 0
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)
     mirror: MirrorStats = field(default_factory=MirrorStats)
+
+    def write(self, out: np.ndarray[Any, Any]) -> None:
+        """Every count into `out`, a vector of STATS_COLUMNS int64s: the row a worker
+        publishes into shared memory (engine/shared.py), so that a sum of workers' vectors is
+        the process group's statistics. Float sums travel as integer nano-units (a latency
+        sum in ns: 292 years before it overflows), rounded from the exact running sum each time."""
+        out[:_V_SCALARS] = (self.requests, self.errors, self.rows, round(self.latency.sum * NANO))
+        out[_V_SCALARS:_V_MIRROR] = self.latency.counts
+        self.mirror.write(out[_V_MIRROR:STATS_COLUMNS])
+
+    def read(self, v: np.ndarray[Any, Any]) -> None:
+        """Take every count from a vector `write` wrote, or a sum of several: a pooled view,
+        or a restarted worker adopting its slot's counts so that they never go backwards."""
+        self.requests, self.errors, self.rows, latency_nano = (int(x) for x in v[:_V_SCALARS])
+        self.latency.sum = latency_nano / NANO
+        self.latency.counts = np.array(v[_V_SCALARS:_V_MIRROR], dtype=np.int64)
+        self.mirror.read(v[_V_MIRROR:STATS_COLUMNS])
+
+    @classmethod
+    def from_vector(cls, v: np.ndarray[Any, Any]) -> VersionStats:
+        st = cls()
+        st.read(v)
+        return st
 
     def started(self, rows: int) -> None:
         """A request of `rows` rows went to this version."""
