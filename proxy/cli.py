@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import importlib.util
 import logging
+import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from proxy.config.load import inactive_settings, load_config
 from proxy.config.schema import Config
 from proxy.errors import ConfigError, ModelLoadError
+
+if TYPE_CHECKING:
+    from proxy.server import Worker
 
 # What `package` and `demo-models` import beyond serving: the `package` extra (joblib comes
 # with scikit-learn). Checked up front so that a serving-only install says what to do.
@@ -21,13 +27,19 @@ PACKAGE_EXTRA = "pip install 'mlproxy[package]'"
 
 log = logging.getLogger("proxy.cli")
 
+# `workers` other than 1 runs a supervisor and N workers only with this set to 1: a preview
+# until drift windows, feedback joins and rollout weights are pooled too (issue 11).
+PREVIEW_WORKERS = "MLPROXY_PREVIEW_WORKERS"
+WORKER_FAILED_START = 3
+PR_SET_PDEATHSIG = 1  # prctl(2)
+
 
 # Each request allocates dozens of short-lived containers; with the default gen-0 threshold (700)
 # the cyclic GC ran every ~20 requests and took ~10% of a busy core (py-spy, 4k req/s).
 GC_THRESHOLDS = (20_000, 20, 20)
 
 
-async def _serve_tuned(config: Config) -> None:
+async def _serve_tuned(config: Config, worker: Worker | None = None) -> None:
     """Serve with the process's GC tuned: what startup built (models, plan, both planes) lives
     forever, so it is frozen out of every later collection once both planes listen."""
     from proxy.server import serve
@@ -41,7 +53,7 @@ async def _serve_tuned(config: Config) -> None:
 
     freezer = asyncio.get_running_loop().create_task(freeze_when_ready())
     try:
-        await serve(config, ready=ready)
+        await serve(config, ready=ready, worker=worker)
     finally:
         freezer.cancel()
 
@@ -54,6 +66,8 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 1
+    if config.server.workers != 1 and os.environ.get(PREVIEW_WORKERS) == "1":
+        return _supervise(config)
     for warning in inactive_settings(config):
         log.warning("%s", warning)
     gc.set_threshold(*GC_THRESHOLDS)
@@ -66,6 +80,77 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"mlproxy: cannot listen: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _supervise(config: Config) -> int:
+    """`workers = N` (the preview; see PREVIEW_WORKERS): a supervisor and N workers."""
+    import uvloop
+
+    from proxy.scaleout import supervise, worker_count
+
+    n = worker_count(config.server.workers)
+    log.warning(
+        "%s=1: serving with %d worker processes (a preview: counters, latency and mirror"
+        " comparisons are pooled across workers; drift windows, feedback joins and rollout"
+        " weights are still per worker, see docs/scaling.md)",
+        PREVIEW_WORKERS,
+        n,
+    )
+    try:
+        return uvloop.run(supervise(config, workers=n))
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"mlproxy: cannot listen: {exc}", file=sys.stderr)
+        return 1
+
+
+def _worker(args: argparse.Namespace) -> int:
+    """One worker of a supervisor (started by it, never by hand): the data plane on the
+    inherited socket. Exit 3: it could not start (the supervisor gives such a slot up after
+    a few tries in a row instead of restarting it in a loop)."""
+    import uvloop
+
+    from proxy.engine.pool import CountsPool
+    from proxy.engine.shared import SharedCountsError
+    from proxy.runtime.decisions import SharedDecisions
+    from proxy.server import Worker
+
+    _die_with_parent(args.group)
+    try:
+        config = load_config(args.config)
+        pool = CountsPool(args.group, slots=args.slots, slot=args.slot)
+    except (ConfigError, SharedCountsError, ValueError) as exc:
+        print(f"mlproxy worker {args.slot}: cannot start: {exc}", file=sys.stderr)
+        return WORKER_FAILED_START
+    gc.set_threshold(*GC_THRESHOLDS)
+    worker = Worker(
+        slot=args.slot,
+        fd=args.fd,
+        pool=pool,
+        decisions=SharedDecisions(args.group),
+        onnx_threads=args.threads,
+    )
+    try:
+        uvloop.run(_serve_tuned(config, worker))
+    except (ConfigError, OSError) as exc:
+        print(f"mlproxy worker {args.slot}: cannot start: {exc}", file=sys.stderr)
+        return WORKER_FAILED_START
+    return 0
+
+
+def _die_with_parent(parent: int) -> None:
+    """Have the kernel send SIGTERM to this worker when its supervisor dies (even by kill -9),
+    so that no worker outlives its group; a worker whose supervisor is already gone stops."""
+    import ctypes
+    import signal
+
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
+    if os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 async def _check_models(config_path: str) -> list[str]:
@@ -185,6 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo-models", help="build the demo cancer v1 and v2 into models/")
     d.add_argument("--repo", default="models")
     d.set_defaults(func=_demo)
+    w = sub.add_parser("_worker")  # started by the supervisor of `workers = N` only
+    w.add_argument("--config", required=True)
+    for flag in ("--fd", "--slot", "--slots", "--group", "--threads"):
+        w.add_argument(flag, type=int, required=True)
+    w.set_defaults(func=_worker)
     return p
 
 

@@ -5,20 +5,40 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from aiohttp import web
 
 from proxy.config.schema import Config
+from proxy.engine.pool import CountsPool
 from proxy.http.admin import create_admin_app
 from proxy.http.data import create_data_server
 from proxy.http.refusals import ScrubHttpErrors
 from proxy.http.transport import DataServer
+from proxy.runtime.decisions import SharedDecisions
 from proxy.runtime.serving import Serving, create_serving
 
 log = logging.getLogger("mlproxy")
 DRAIN_TIMEOUT_S = 10.0
+BACKLOG = 2048
+
+
+@dataclass(frozen=True, slots=True)
+class Worker:
+    """This process is worker `slot` of a supervisor (`workers = N`): it serves the data plane
+    on the supervisor's listening socket `fd` (inherited) and publishes its counts into `pool`;
+    the supervisor serves the admin plane, watches the file and decides rollouts."""
+
+    slot: int
+    fd: int
+    pool: CountsPool
+    decisions: SharedDecisions
+    onnx_threads: int = 1
 
 
 async def serve(
@@ -28,6 +48,7 @@ async def serve(
     drain_timeout_s: float = DRAIN_TIMEOUT_S,
     ready: asyncio.Event | None = None,
     draining: asyncio.Event | None = None,
+    worker: Worker | None = None,
 ) -> None:
     """Serve `config` until `stop` is set (or SIGTERM/SIGINT arrives), then drain and close.
 
@@ -37,27 +58,54 @@ async def serve(
     """
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
-    serving = await create_serving(config)
+    if worker is None:
+        serving = await create_serving(config)
+    else:
+        serving = await create_serving(config, worker=worker.slot, onnx_threads=worker.onnx_threads)
+        # count on from what this slot's predecessor published: the group's counts never
+        # go backwards when a worker is restarted
+        worker.pool.adopt(serving.counters, serving.counters.version_keys())
     reloads = _handle_signals(loop, serving, stop)
     data_server = create_data_server(serving)
     data_runner = web.ServerRunner(
         data_server, handle_signals=False, shutdown_timeout=drain_timeout_s
     )
-    admin_runner = web.AppRunner(
-        create_admin_app(serving), handle_signals=False, access_log=None, logger=_admin_http_log()
-    )
-    background = loop.create_task(serving.scheduler.run())
+    admin_runner = None
+    publish: Callable[[], None] | None = None
+    if worker is None:
+        admin_runner = web.AppRunner(
+            create_admin_app(serving),
+            handle_signals=False,
+            access_log=None,
+            logger=admin_http_log(),
+        )
+        background = loop.create_task(serving.scheduler.run())
+    else:
+        publish = _publisher(serving, worker)
+        background = loop.create_task(
+            serving.scheduler.run(watch_file=False, step_rollouts=False, every=publish)
+        )
     try:
         await data_runner.setup()
-        await admin_runner.setup()
         s, a = config.server, config.admin
-        data_site = web.TCPSite(data_runner, s.host, s.port, backlog=2048)
-        await data_site.start()
-        data_server.listen_on(_listening_fd(data_site))
-        await web.TCPSite(admin_runner, a.host, a.port).start()
+        if admin_runner is not None:
+            data_site: web.BaseSite = web.TCPSite(data_runner, s.host, s.port, backlog=BACKLOG)
+            await data_site.start()
+            data_server.listen_on(_listening_fd(data_site))
+            await admin_runner.setup()
+            await web.TCPSite(admin_runner, a.host, a.port).start()
+            log_listening(config)
+        else:
+            assert worker is not None and publish is not None
+            listener = socket.socket(fileno=os.dup(worker.fd))
+            data_site = web.SockSite(data_runner, listener)
+            await data_site.start()
+            data_server.listen_on(worker.fd)
+            os.close(worker.fd)  # the site and the heartbeat hold their own handles
+            publish()
+            log.info("worker %d serving %s", worker.slot, config.source)
         if ready is not None:
-            ready.set()  # both planes listen
-        _log_listening(config)
+            ready.set()  # the planes listen
         await stop.wait()
         await _drain(serving, data_server, data_site, drain_timeout_s, draining)
     finally:
@@ -65,13 +113,38 @@ async def serve(
         for task in (background, *reloads):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if publish is not None:
+            publish()  # the last counts: what the drain answered
         await data_runner.cleanup()
-        await admin_runner.cleanup()
+        if admin_runner is not None:
+            await admin_runner.cleanup()
         await serving.close()
+        if worker is not None:
+            worker.pool.close()
+            worker.decisions.close()
     log.info("stopped")
 
 
-def _listening_fd(site: web.TCPSite) -> int:
+def _publisher(serving: Serving, worker: Worker) -> Callable[[], None]:
+    """A worker's counts and identity into its rows of the group's shared memory; and the
+    supervisor's rollout decisions into this worker's routing."""
+    pid, started = os.getpid(), time.time()
+
+    def publish() -> None:
+        worker.decisions.follow(serving.rollouts)
+        worker.pool.publish(serving.counters, serving.counters.version_keys())
+        c = serving.counters
+        worker.pool.publish_member(
+            pid=pid,
+            digest=serving.config.digest,
+            started_at=started,
+            requests=c.requests_total(),
+        )
+
+    return publish
+
+
+def _listening_fd(site: web.BaseSite) -> int:
     """The data site's listening socket (aiohttp keeps the loop's server private)."""
     sockets: list[socket.socket] = list(getattr(site._server, "sockets", None) or [])
     if not sockets:
@@ -79,7 +152,7 @@ def _listening_fd(site: web.TCPSite) -> int:
     return sockets[0].fileno()
 
 
-def _admin_http_log() -> logging.Logger:
+def admin_http_log() -> logging.Logger:
     """aiohttp's server logger for the admin plane, with bad requests scrubbed of their bytes."""
     logger = logging.getLogger("mlproxy.admin.http")
     if not any(isinstance(f, ScrubHttpErrors) for f in logger.filters):
@@ -108,7 +181,7 @@ def _handle_signals(
     return reloads
 
 
-def _log_listening(config: Config) -> None:
+def log_listening(config: Config) -> None:
     s, a = config.server, config.admin
     log.info(
         "serving %s on http://%s:%d (admin http://%s:%d); models: %s",
@@ -124,7 +197,7 @@ def _log_listening(config: Config) -> None:
 async def _drain(
     serving: Serving,
     server: DataServer,
-    site: web.TCPSite,
+    site: web.BaseSite,
     timeout_s: float,
     draining: asyncio.Event | None,
 ) -> None:

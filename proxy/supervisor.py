@@ -60,7 +60,7 @@ class Workers:
         n: int,
         command: Command,
         *,
-        pass_fds: Sequence[int] = (),
+        pass_fds: Sequence[int] | Callable[[int], Sequence[int]] = (),
         env: dict[str, str] | None = None,
         cwd: str | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -68,7 +68,7 @@ class Workers:
         if n < 1:
             raise ValueError(f"workers: {n} is not a number of processes (1 or more)")
         self.command = command
-        self.pass_fds = tuple(pass_fds)
+        self.pass_fds = pass_fds  # every worker's, or slot -> that slot's
         self.env = env
         self.cwd = cwd
         self.clock = clock
@@ -85,7 +85,7 @@ class Workers:
     def _spawn(self, slot: Slot, now: float) -> None:
         slot.proc = subprocess.Popen(
             list(self.command(slot.index)),
-            pass_fds=self.pass_fds,
+            pass_fds=tuple(self.pass_fds(slot.index) if callable(self.pass_fds) else self.pass_fds),
             env=self.env,
             cwd=self.cwd,
             stdin=subprocess.DEVNULL,

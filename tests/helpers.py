@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import os
 import queue
 import signal
 import socket
@@ -229,14 +230,15 @@ def _pump(proc: subprocess.Popen[str], lines: queue.Queue[str | None]) -> None:
 
 
 @contextlib.contextmanager
-def serve_process(path: Path, port: int) -> Iterator[Served]:
+def serve_process(path: Path, port: int, *, env: dict[str, str] | None = None) -> Iterator[Served]:
     """`mlproxy serve` in a real process, ready (it logged "serving") when the block starts,
-    SIGTERMed after it; `output` then holds its whole log."""
+    SIGTERMed after it; `output` then holds its whole log. `env` is added to the environment."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "proxy", "serve", "--config", str(path)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        env=None if env is None else {**os.environ, **env},
     )
     served = Served(proc)
     reader = threading.Thread(target=_pump, args=(proc, served.lines), daemon=True)

@@ -1,5 +1,5 @@
-"""The worker processes of `workers = N` (proxy/supervisor.py): real processes sharing one real
-listening socket on 127.0.0.1, killed with -9, failing at start, signalled and stopped."""
+"""The worker processes of `workers = N` (proxy/supervisor.py): real processes serving one real
+port on 127.0.0.1 (a SO_REUSEPORT socket each), killed with -9, failing at start, signalled, stopped."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from proxy.scaleout import listen
 from proxy.supervisor import START_FAILURES_MAX, Workers, _cgroup_quota, usable_cpus
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,21 +48,21 @@ WORKER = textwrap.dedent(
 
 
 @pytest.fixture
-def listener() -> Iterator[socket.socket]:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(128)
-    yield sock
-    sock.close()
+def listeners() -> Iterator[list[socket.socket]]:
+    """Two listening sockets on one port (SO_REUSEPORT), one per slot, as the supervisor
+    binds them: the kernel spreads new connections over them."""
+    socks = listen("127.0.0.1", 0, 2)
+    yield socks
+    for sock in socks:
+        sock.close()
 
 
-def _workers(sock: socket.socket, n: int, script: str = WORKER) -> Workers:
-    fd = sock.fileno()
+def _workers(socks: list[socket.socket], n: int, script: str = WORKER) -> Workers:
+    fds = [s.fileno() for s in socks]
     return Workers(
         n,
-        lambda slot: [sys.executable, "-c", script, str(fd), str(slot)],
-        pass_fds=[fd],
+        lambda slot: [sys.executable, "-c", script, str(fds[slot]), str(slot)],
+        pass_fds=lambda slot: [fds[slot]],
         cwd=str(ROOT),
     )
 
@@ -101,9 +102,11 @@ def _answers_from_all(port: int, pids: set[int]) -> dict[int, tuple[int, int]]:
     raise AssertionError(f"only {sorted(seen)} of {sorted(pids)} answered in 500 connections")
 
 
-def test_workers_share_the_socket_and_a_killed_one_is_restarted(listener: socket.socket) -> None:
-    port = listener.getsockname()[1]
-    workers = _workers(listener, 2)
+def test_workers_share_the_port_and_a_killed_one_is_restarted(
+    listeners: list[socket.socket],
+) -> None:
+    port = listeners[0].getsockname()[1]
+    workers = _workers(listeners, 2)
     workers.start()
     try:
         first = {s.pid for s in workers.slots}
@@ -130,9 +133,9 @@ def test_workers_share_the_socket_and_a_killed_one_is_restarted(listener: socket
     assert workers.live() == []
 
 
-def test_sighup_reaches_every_worker(listener: socket.socket) -> None:
-    port = listener.getsockname()[1]
-    workers = _workers(listener, 2)
+def test_sighup_reaches_every_worker(listeners: list[socket.socket]) -> None:
+    port = listeners[0].getsockname()[1]
+    workers = _workers(listeners, 2)
     workers.start()
     try:
         pids = {s.pid for s in workers.slots}
@@ -144,8 +147,10 @@ def test_sighup_reaches_every_worker(listener: socket.socket) -> None:
         workers.stop()
 
 
-def test_a_worker_that_fails_at_start_is_given_up_not_looped(listener: socket.socket) -> None:
-    workers = _workers(listener, 1, script="import sys; sys.exit(3)")
+def test_a_worker_that_fails_at_start_is_given_up_not_looped(
+    listeners: list[socket.socket],
+) -> None:
+    workers = _workers(listeners, 1, script="import sys; sys.exit(3)")
     workers.start()
     try:
         _until("the slot is given up", lambda: workers.failed is not None, workers.step)
@@ -162,9 +167,9 @@ def test_a_worker_that_fails_at_start_is_given_up_not_looped(listener: socket.so
         workers.stop()
 
 
-def test_workers_is_a_positive_number(listener: socket.socket) -> None:
+def test_workers_is_a_positive_number(listeners: list[socket.socket]) -> None:
     with pytest.raises(ValueError, match="workers: 0 is not a number of processes"):
-        _workers(listener, 0)
+        _workers(listeners, 0)
 
 
 def test_usable_cpus_honours_a_cgroup_quota(tmp_path: Path) -> None:

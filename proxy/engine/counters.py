@@ -90,6 +90,14 @@ class Counters:
 
     # ---------------------------------------------------------------- readers
 
+    def requests_total(self) -> int:
+        """Requests every version has started, ever."""
+        return sum(st.requests for st in self._versions.values())
+
+    def version_keys(self) -> list[VersionKey]:
+        """Every version counted so far (a reload keeps those it dropped)."""
+        return list(self._versions)
+
     def refused_counts(self) -> dict[Refusal, int]:
         return dict(self._refused)
 
@@ -115,11 +123,13 @@ class Counters:
         """The process's own counts into PROCESS_COLUMNS int64s."""
         out[:] = (self._shed, *self._reloads.values(), *self._refused.values())
 
-    def read_process(self, v: Vector) -> None:
-        """Take the process's counts from a vector `write_process` wrote, or a sum of them."""
+    def read_process(self, v: Vector, *, reloads: bool = True) -> None:
+        """Take the process's counts from a vector `write_process` wrote, or a sum of them;
+        without `reloads`, this process's own reload counts stay (the supervisor's)."""
         n = len(ReloadOutcome)
         self._shed = int(v[0])
-        self._reloads = {k: int(x) for k, x in zip(ReloadOutcome, v[1 : 1 + n], strict=True)}
+        if reloads:
+            self._reloads = {k: int(x) for k, x in zip(ReloadOutcome, v[1 : 1 + n], strict=True)}
         self._refused = {
             k: int(x) for k, x in zip(Refusal, v[1 + n : PROCESS_COLUMNS], strict=True)
         }

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -25,6 +26,21 @@ import numpy as np
 from proxy.config.schema import VersionKey
 from proxy.engine.counters import MODEL_COLUMNS, PROCESS_COLUMNS, VERSION_COLUMNS, Counters
 from proxy.engine.shared import SharedCounts
+
+DIGEST_HEX = 15  # hex digits of a config digest a member publishes (60 bits: fits an int64)
+MEMBER_COLUMNS = 4  # pid, digest prefix, start (Unix ms), requests served
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """One worker as it last said: its pid, the config digest it serves (prefix), its start."""
+
+    slot: int
+    pid: int
+    digest_prefix: str
+    started_at: float
+    requests: int
+
 
 # how `_read` takes a vector out of a segment: one slot's row, or the sum of every row
 _Rows = Callable[[SharedCounts], np.ndarray[Any, Any]]
@@ -81,8 +97,38 @@ class CountsPool:
         self._read(total, keys, lambda seg: seg.total())
         return total
 
-    def _read(self, into: Counters, keys: Iterable[VersionKey], rows: _Rows) -> None:
-        into.read_process(rows(self._process()))
+    def refresh(self, counters: Counters, keys: Iterable[VersionKey]) -> None:
+        """Overwrite `counters` in place with every worker's sum (the supervisor's view: the
+        objects its plan and controllers hold see the group's traffic), keeping its own
+        reload counts: the supervisor is the one that reloads first and refuses for all."""
+        self._read(counters, keys, lambda seg: seg.total(), reloads=False)
+
+    def publish_member(self, *, pid: int, digest: str, started_at: float, requests: int) -> None:
+        """Say who serves this slot, which config it serves, and how many requests this slot
+        has served (its predecessors' included): `members` reads it."""
+        self._members().row(self.slot)[:] = (
+            pid,
+            int(digest[:DIGEST_HEX], 16) if digest else 0,
+            round(started_at * 1000),
+            requests,
+        )
+
+    def members(self) -> list[Member]:
+        """Each slot's last `publish_member`, slot by slot (pid 0: never published)."""
+        rows = self._members().per_slot()
+        return [
+            Member(slot=i, pid=int(r[0]), digest_prefix=f"{int(r[1]):0{DIGEST_HEX}x}",
+                   started_at=int(r[2]) / 1000, requests=int(r[3]))
+            for i, r in enumerate(rows)
+        ]  # fmt: skip
+
+    def _members(self) -> SharedCounts:
+        return self._segment("members", MEMBER_COLUMNS)
+
+    def _read(
+        self, into: Counters, keys: Iterable[VersionKey], rows: _Rows, *, reloads: bool = True
+    ) -> None:
+        into.read_process(rows(self._process()), reloads=reloads)
         models: set[str] = set()
         for key in keys:
             into.read_version(key, rows(self._version(key)))

@@ -17,6 +17,7 @@ from proxy.monitoring.alerts import Alerts
 from proxy.monitoring.tracker import VersionMonitor
 from proxy.monitoring.watch import VersionWatch, Watch
 from proxy.runtime.current import Current
+from proxy.runtime.group import Group
 from proxy.runtime.load import LoopLoad
 from proxy.runtime.plan import Plan
 from proxy.runtime.reloader import Reloader
@@ -54,6 +55,9 @@ class AdminState(Protocol):
 
     @property
     def webhooks(self) -> Webhooks: ...
+
+    @property
+    def group(self) -> Group: ...
 
     @property
     def plan(self) -> Plan: ...
@@ -265,6 +269,7 @@ def status(serving: AdminState) -> dict[str, Any]:
             "last_error": serving.reloader.last_error,
             "reloads": counters.reloads(),
         },
+        "workers": serving.group.members(),
         "inflight": serving.current.inflight,
         "shed": counters.shed_total,
         "admission": _admission(serving),

@@ -228,6 +228,14 @@ class RolloutController:
         self._mark = self._take_mark()
         return "step"
 
+    def follow(self, weight: float, status: RolloutStatus) -> None:
+        """Take a decision made elsewhere (a worker follows its supervisor's controller): the
+        weights change here; the state file and the audit log are the decider's to write."""
+        if (weight, status) == (self.weight, self.status):
+            return
+        self.weight, self.status, self.cause = weight, status, "the supervisor's decision"
+        self._apply(self.weights())
+
     def promote(self, cause: str, window: Window | None = None) -> None:
         self._set(100.0, RolloutStatus.PROMOTED, cause, "rollout_promote", window)
 

@@ -71,10 +71,16 @@ class Reloader:
         self._audit = audit
         self._tasks = tasks
         self._on_swap = on_swap
+        self._after_swap: list[Callable[[Plan], None]] = []
         self._lock = asyncio.Lock()
         self.config_path = Path(current.plan.config.source)
         self.last_error: str | None = None
         self._refusal_shown = False  # last_error is a refused reload's (not, say, the state file's)
+
+    def after_swap(self, callback: Callable[[Plan], None]) -> None:
+        """Call `callback` with every plan a reload puts in force (the supervisor forwards
+        SIGHUP to its workers: a reload it refused is refused for all)."""
+        self._after_swap.append(callback)
 
     async def reload(self, cause: str, *, only_if_changed: bool = False) -> dict[str, Any]:
         """Validate the config file, load what is new or changed, warm it, then swap the plan."""
@@ -140,6 +146,8 @@ class Reloader:
         start_plan(plan)
         old.retire()
         self._tasks.spawn(self._close_when_idle(old, plan))
+        for callback in self._after_swap:
+            callback(plan)
 
     async def _close_when_idle(self, old: Plan, new: Plan) -> None:
         await old.idle.wait()  # its last request has left

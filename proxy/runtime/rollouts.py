@@ -41,6 +41,9 @@ class Rollouts:
     def get(self, model: str) -> RolloutController | None:
         return self._controllers.get(model)
 
+    def controllers(self) -> dict[str, RolloutController]:
+        return dict(self._controllers)
+
     def statuses(self) -> dict[str, str]:
         return {name: str(c.status) for name, c in self._controllers.items()}
 

@@ -54,9 +54,18 @@ class Scheduler:
         self._load.lag(elapsed_s - interval_s)
         self._load.measure(cpu_s / elapsed_s, self._current.plan)
 
-    async def run(self, *, watch_file: bool = True) -> None:
-        """Until cancelled: every WATCH_INTERVAL_S measure, reload on a file change, judge; every
-        TICK_INTERVAL_S step the rollouts (after judging, so gates see current drift)."""
+    async def run(
+        self,
+        *,
+        watch_file: bool = True,
+        step_rollouts: bool = True,
+        every: Callable[[], None] | None = None,
+    ) -> None:
+        """Until cancelled: every WATCH_INTERVAL_S measure, reload on a file change, call
+        `every` (a worker publishes its counts, a supervisor pools them), judge; every
+        TICK_INTERVAL_S step the rollouts (after judging, so gates see current drift).
+        A supervisor's worker neither watches the file (the supervisor reloads first and
+        forwards SIGHUP) nor steps rollouts (the supervisor's controllers decide for all)."""
         watcher = ConfigWatcher(self._reloader.config_path) if watch_file else None
         while True:
             before, cpu_before = perf_counter(), thread_time()
@@ -68,10 +77,15 @@ class Scheduler:
                 except Exception:  # never let one bad reload stop watching
                     log.exception("reload after a file change failed")
             now = self._clock()
+            if every is not None:
+                try:
+                    every()
+                except Exception:
+                    log.exception("publishing or pooling counts failed")
             try:
                 self.housekeeping(now)
             except Exception:
                 log.exception("monitoring housekeeping failed")
-            if now >= self._next_tick:
+            if step_rollouts and now >= self._next_tick:
                 self.tick(now)
                 self._next_tick = now + TICK_INTERVAL_S

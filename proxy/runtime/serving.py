@@ -24,6 +24,7 @@ from proxy.monitoring.alerts import Alerts
 from proxy.monitoring.watch import Watch
 from proxy.protocol.ids import RequestIds
 from proxy.runtime.current import Current
+from proxy.runtime.group import Group
 from proxy.runtime.load import LoopLoad
 from proxy.runtime.plan import Plan, close_plan, create_plan, start_plan
 from proxy.runtime.reloader import Reloader
@@ -56,6 +57,7 @@ class Serving:
     writer: Writer
     ids: RequestIds  # makes the ids of requests without one; the watch's stores check them
     admission: Admission[Any]  # slots and the waiting queue; the data plane's connections use it
+    group: Group  # who serves (status `workers`)
 
     @property
     def plan(self) -> Plan:
@@ -83,9 +85,17 @@ def state_paths(config: Config) -> tuple[Path, Path]:
 
 
 async def create_serving(
-    config: Config, *, rng: random.Random | None = None, onnx_threads: int = 2
+    config: Config,
+    *,
+    rng: random.Random | None = None,
+    onnx_threads: int = 2,
+    worker: int | None = None,
 ) -> Serving:
-    """Build the run threads, the shared HTTP client and the first plan; the caller closes it."""
+    """Build the run threads, the shared HTTP client and the first plan; the caller closes it.
+
+    `worker`: this is worker `worker` of a supervisor, which alone decides and records
+    rollouts and posts alerts: the state file is read, never written; audit entries say which
+    worker wrote them; no webhook is posted from here."""
     runners = Runners.create(onnx_threads)
     http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256))
     counters = Counters()
@@ -95,7 +105,7 @@ async def create_serving(
         await http.close()
         runners.close()
         raise
-    serving = _wire(plan, runners=runners, http=http, counters=counters, rng=rng)
+    serving = _wire(plan, runners=runners, http=http, counters=counters, rng=rng, worker=worker)
     if serving.state.load_error:
         serving.reloader.last_error = serving.state.load_error
     start_plan(plan)
@@ -112,12 +122,14 @@ def _wire(
     http: aiohttp.ClientSession,
     counters: Counters,
     rng: random.Random | None,
+    worker: int | None,
 ) -> Serving:
     """Make the parts and hand each the others it uses."""
     clock = asyncio.get_running_loop().time
     writer = Writer()
     state_path, audit_path = state_paths(plan.config)
-    state, audit = StateFile(state_path, writer), AuditLog(audit_path, writer)
+    state = StateFile(state_path, writer, read_only=worker is not None)
+    audit = AuditLog(audit_path, writer, fields=None if worker is None else {"worker": worker})
     alerts, tasks, current, load = Alerts(), Tasks(), Current(plan), LoopLoad()
     ids = RequestIds()
     limits = plan.config.limits
@@ -134,7 +146,8 @@ def _wire(
     def on_swap(new: Plan) -> None:
         rollouts.attach(new)
         watch.attach(new)
-        webhooks.attach(new.config.alerts.webhook)
+        if worker is None:
+            webhooks.attach(new.config.alerts.webhook)
 
     reloader = Reloader(
         current, runners=runners, http=http, counters=counters, audit=audit, tasks=tasks,
@@ -149,6 +162,10 @@ def _wire(
         scheduler=scheduler, load=load, watch=watch, alerts=alerts, webhooks=webhooks,
         state=state, audit=audit, rng=rng or random.Random(), tasks=tasks, runners=runners,
         http=http, writer=writer, ids=ids, admission=admission,
+        group=Group(
+            lambda: current.plan.config.digest,
+            counters.requests_total,
+        ),
     )  # fmt: skip
 
 

@@ -85,9 +85,10 @@ class StateFile:
     """Rollout decisions per model, JSON, rewritten whole and atomically on every change (by
     the writer thread: the decision holds in memory at once, on disk a moment later)."""
 
-    def __init__(self, path: Path, writer: Writer) -> None:
+    def __init__(self, path: Path, writer: Writer, *, read_only: bool = False) -> None:
         self.path = path
         self._writer = writer
+        self._read_only = read_only  # a worker's: the supervisor alone writes decisions
         self.models: dict[str, dict[str, Any]] = {}
         self.load_error: str | None = None
         self.write_errors = 0  # failed writes, ever
@@ -117,6 +118,8 @@ class StateFile:
         self.flush()
 
     def flush(self) -> None:
+        if self._read_only:
+            return
         doc = {"format_version": 1, "models": self.models}
         data = orjson.dumps(doc, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n"
         self._writer.submit(lambda: self._write(data))
@@ -149,8 +152,16 @@ class AuditLog:
     A crash (or a full disk) can leave a torn last line; the next append after it starts on a
     line of its own, and `read` skips lines that are not whole JSON."""
 
-    def __init__(self, path: Path, writer: Writer, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        path: Path,
+        writer: Writer,
+        clock: Callable[[], float] = time.time,
+        *,
+        fields: dict[str, Any] | None = None,
+    ) -> None:
         self.path = path
+        self._fields = fields or {}  # on every entry: a worker's `{"worker": slot}`
         self._writer = writer
         self._clock = clock
         self.write_errors = 0  # entries not written, ever
@@ -158,7 +169,7 @@ class AuditLog:
         self._tail_whole = False  # unknown until an append has looked at the file's last byte
 
     def append(self, event: str, **fields: Any) -> dict[str, Any]:
-        entry = {"ts": round(self._clock(), 6), "event": event, **fields}
+        entry = {"ts": round(self._clock(), 6), "event": event, **self._fields, **fields}
         line = orjson.dumps(entry, option=orjson.OPT_SORT_KEYS) + b"\n"
         self._writer.submit(lambda: self._write(line))
         return entry
