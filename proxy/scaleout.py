@@ -31,6 +31,7 @@ from proxy.config.schema import Config
 from proxy.engine.pool import DIGEST_HEX, CountsPool
 from proxy.engine.shared import sweep_stale, unlink_owned
 from proxy.http.admin import create_admin_app
+from proxy.runtime import pooled
 from proxy.runtime.decisions import SharedDecisions
 from proxy.runtime.serving import Serving, create_serving
 from proxy.server import BACKLOG, DRAIN_TIMEOUT_S, admin_http_log, log_listening
@@ -114,7 +115,7 @@ async def supervise(
     admin_runner: web.AppRunner | None = None
     tasks: list[asyncio.Task[Any]] = []
     try:
-        serving = await create_serving(config)
+        serving = await create_serving(config, pooled=True)
         procs = Workers(
             workers,
             worker_command(config, fds=fds, group=group, threads=onnx_threads(workers)),
@@ -179,11 +180,12 @@ async def supervise(
 
 
 def _pooler(serving: Serving, pool: CountsPool, decisions: SharedDecisions) -> Callable[[], None]:
-    """Every interval: the workers' counts into the supervisor's view, then its controllers'
-    decisions out to the workers."""
+    """Every interval: the workers' counts into the supervisor's view, their pooled bins into
+    its drift windows (judged here, once), then its controllers' decisions out to the workers."""
 
     def refresh() -> None:
         pool.refresh(serving.counters, serving.counters.version_keys())
+        pooled.advance(pool, serving.watch)
         decisions.publish(serving.rollouts)
 
     return refresh

@@ -20,6 +20,7 @@ from proxy.http.admin import create_admin_app
 from proxy.http.data import create_data_server
 from proxy.http.refusals import ScrubHttpErrors
 from proxy.http.transport import DataServer
+from proxy.runtime import pooled
 from proxy.runtime.decisions import SharedDecisions
 from proxy.runtime.serving import Serving, create_serving
 
@@ -65,6 +66,7 @@ async def serve(
         # count on from what this slot's predecessor published: the group's counts never
         # go backwards when a worker is restarted
         worker.pool.adopt(serving.counters, serving.counters.version_keys())
+        pooled.adopt(worker.pool, serving.watch)
     reloads = _handle_signals(loop, serving, stop)
     data_server = create_data_server(serving)
     data_runner = web.ServerRunner(
@@ -114,6 +116,7 @@ async def serve(
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         if publish is not None:
+            serving.watch.flush()  # rows still buffered: counted before the last publish
             publish()  # the last counts: what the drain answered
         await data_runner.cleanup()
         if admin_runner is not None:
@@ -132,6 +135,7 @@ def _publisher(serving: Serving, worker: Worker) -> Callable[[], None]:
 
     def publish() -> None:
         worker.decisions.follow(serving.rollouts)
+        pooled.publish(worker.pool, serving.watch)
         worker.pool.publish(serving.counters, serving.counters.version_keys())
         c = serving.counters
         worker.pool.publish_member(

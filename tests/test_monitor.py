@@ -646,3 +646,69 @@ async def test_a_classifier_refuses_fractional_labels(
     assert resp.status == 400 and "integer class" in (await resp.json())["error"]
     resp = await client.post("/v2/models/cancer/feedback", json={"id": ids[0], "label": 1})
     assert resp.status == 200  # the refused call left the prediction in place
+
+
+def _pooled_run(
+    v1: OnnxModel, gen: Any, rows: int, *, window: int, interval_rows: int, batch: int = 16
+) -> tuple[VersionMonitor, VersionMonitor, list[tuple[int, Any]]]:
+    """`workers = 2` in one test: two worker monitors take alternate batches of `gen`'s rows
+    and only count; every `interval_rows` rows (a publish interval) the pooled monitor is
+    advanced with the sum of their cumulative counts. Returns (a local monitor fed the same
+    rows, the pooled one, the pooled one's (row, event) pairs)."""
+    baseline = Baseline.from_manifest(v1.manifest.raw)  # type: ignore[arg-type]
+    local = VersionMonitor(baseline, window, 10 * window, 0.1, 0.25)
+    workers = [
+        VersionMonitor(baseline, window, 10 * window, 0.1, 0.25, role="worker") for _ in range(2)
+    ]
+    pooled = VersionMonitor(baseline, window, 10 * window, 0.1, 0.25, role="pooled")
+    events: list[tuple[int, Any]] = []
+    for done in range(0, rows, batch):
+        x = gen(done, batch)
+        out = v1.run(x)
+        local.record(x, out)
+        assert workers[(done // batch) % 2].record(x, out) == []  # a worker never judges
+        if (done + batch) % interval_rows == 0:
+            for w in workers:
+                w.flush()  # a worker's housekeeping, before it publishes
+            total = workers[0].cumulative + workers[1].cumulative
+            events += [(done + batch, e) for e in pooled.advance(total)]
+    local.flush()
+    assert all(w.judged == {} for w in workers)
+    return local, pooled, events
+
+
+@pytest.mark.parametrize(
+    "interval_rows", [80, 5000]
+)  # many publishes a sub-window; or a window in one
+def test_pooled_windows_judge_like_one_process(v1: OnnxModel, interval_rows: int) -> None:
+    """Drift judged on two workers' pooled counts: the window holds `window` rows, its PSI is
+    the one-process PSI of the same rows (to 0.02: an interval's rows are taken as alike), clean
+    traffic raises nothing over five windows."""
+    rng = np.random.default_rng(5)
+    local, pooled, events = _pooled_run(
+        v1, lambda d, n: ROWS[rng.integers(0, len(ROWS), n)], 10_000, window=2000,
+        interval_rows=interval_rows,
+    )  # fmt: skip
+    assert [e for _, e in events if e.level == "alert"] == []
+    short = pooled.judged["short"]
+    assert short.rows == 2000
+    assert float(np.abs(short.psi - local.judged["short"].psi).max()) < 0.02
+    assert int(pooled.cumulative[0]) == 10_000
+
+
+def test_pooled_windows_alert_once_on_a_shift(v1: OnnxModel) -> None:
+    """A 1 sd shift of mean_area seen by both workers alerts once, as sudden, within a window
+    (plus one publish interval) of rows, on the pooled counts."""
+    rng = np.random.default_rng(6)
+
+    def shifted(done: int, n: int) -> Any:
+        x = ROWS[rng.integers(0, len(ROWS), n)].copy()
+        if done >= 4000:
+            x[:, AREA] += SD[AREA]
+        return x
+
+    _, _, events = _pooled_run(v1, shifted, 10_000, window=2000, interval_rows=400)
+    area = [(row, e) for row, e in events if e.name == "mean_area" and e.level == "alert"]
+    assert len(area) == 1, area
+    row, first = area[0]
+    assert first.kind == "sudden" and row - 4000 <= 2000 + 400

@@ -196,3 +196,66 @@ def _zombie(pid: int) -> bool:
             return f.read().split(") ", 1)[1].startswith("Z")
     except OSError:
         return True
+
+
+async def test_two_workers_judge_drift_once_on_pooled_windows(
+    tmp_path: Path, model_repo: Path, cancer_rows: np.ndarray[Any, Any]
+) -> None:
+    """Each worker sees about half of the traffic; the supervisor judges the pooled windows
+    (2,000 rows), so a shift of mean_area raises one drift alert, not one per worker, and
+    clean traffic before it raises none."""
+    port, admin = free_port(), free_port()
+    path = shipped_config(tmp_path, model_repo, port=port, admin=admin, workers=2)
+    path.write_text(path.read_text().replace('mode = "canary"', 'mode = "single"', 1))
+    rng = np.random.default_rng(11)
+    sd = cancer_rows.std(axis=0)
+    url = f"http://127.0.0.1:{port}/v2/models/cancer/infer"
+
+    async def send(http: aiohttp.ClientSession, shift: float, requests: int) -> None:
+        async def client(count: int) -> None:
+            for _ in range(count):
+                x = cancer_rows[rng.integers(0, len(cancer_rows), 10)].copy()
+                x[:, 3] += shift * sd[3]  # mean_area
+                async with http.post(url, json=infer_body(x)) as resp:
+                    assert resp.status == 200, await resp.text()
+
+        await asyncio.gather(*(client(requests // 8) for _ in range(8)))
+
+    async def drift_alerts(http: aiohttp.ClientSession) -> list[dict[str, Any]]:
+        async with http.get(f"http://127.0.0.1:{admin}/admin/alerts") as resp:
+            doc = await resp.json()
+        return [a for a in doc["alerts"] if a["kind"] == "drift" and a["state"] == "firing"]
+
+    with serve_process(path, port, env=PREVIEW):
+        async with aiohttp.ClientSession() as http:
+
+            async def ready() -> bool:
+                ws = (await _status(http, admin))["workers"]
+                return len(ws) == 2 and all(w["digest"] for w in ws)
+
+            await until(ready, "both workers serve", timeout=30)
+            await send(http, 0.0, 400)  # 4,000 clean rows: two windows
+
+            async def judged(rows: int) -> bool:
+                return await _monitor_rows(http, admin) >= rows
+
+            await until(lambda: judged(4000), "the supervisor's windows take 4,000 rows")
+            assert await drift_alerts(http) == []
+            await send(http, 1.0, 400)  # 4,000 rows shifted by 1 sd
+            await until(lambda: judged(8000), "the supervisor's windows take 8,000 rows")
+
+            async def one_alert() -> bool:
+                return len(await drift_alerts(http)) > 0
+
+            await until(one_alert, "a drift alert")
+            area = [a for a in await drift_alerts(http) if a.get("feature") == "mean_area"]
+            assert len(area) == 1, area
+            status = await _status(http, admin)
+            per_worker = [w["requests"] for w in status["workers"]]
+            assert all(n > 0 for n in per_worker), per_worker
+
+
+async def _monitor_rows(http: aiohttp.ClientSession, admin: int) -> int:
+    """Rows the supervisor's monitor of cancer/v1 has pooled so far."""
+    v1 = (await _status(http, admin))["models"]["cancer"]["versions"]["v1"]
+    return int(v1["monitoring"]["rows_seen"])

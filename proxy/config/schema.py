@@ -221,8 +221,9 @@ class ServerConfig:
     host: str = "127.0.0.1"
     # The data plane's port (0..65535).
     port: int = 8080
-    # Processes sharing the port (0: one per core; >= 0). This release serves with one process:
-    # any other value is accepted and not active yet.
+    # Processes sharing the port (0: one per usable CPU; >= 0). Other values than 1 run a
+    # supervisor and N workers only with MLPROXY_PREVIEW_WORKERS=1 set (a preview, see
+    # docs/scaling.md); without it they are accepted, warned about, and served by one process.
     workers: int = 1
     # Larger request bodies get 413 (checked on Content-Length and while reading a chunked
     # body). Must be > 0.

@@ -61,7 +61,8 @@ class CountsPool:
         self.group, self.slots, self.slot = group, slots, slot
         self._segments: dict[str, SharedCounts] = {}
 
-    def _segment(self, tag: str, columns: int) -> SharedCounts:
+    def segment(self, tag: str, columns: int) -> SharedCounts:
+        """The group's segment for `tag` (made by whoever asks first), kept open here."""
         seg = self._segments.get(tag)
         if seg is None:
             seg = SharedCounts.open(self.group, tag, slots=self.slots, columns=columns)
@@ -69,13 +70,13 @@ class CountsPool:
         return seg
 
     def _process(self) -> SharedCounts:
-        return self._segment("process", PROCESS_COLUMNS)
+        return self.segment("process", PROCESS_COLUMNS)
 
     def _version(self, key: VersionKey) -> SharedCounts:
-        return self._segment(_tag("v", key.model, key.version), VERSION_COLUMNS)
+        return self.segment(_tag("v", key.model, key.version), VERSION_COLUMNS)
 
     def _model(self, model: str) -> SharedCounts:
-        return self._segment(_tag("m", model), MODEL_COLUMNS)
+        return self.segment(_tag("m", model), MODEL_COLUMNS)
 
     def publish(self, counters: Counters, keys: Iterable[VersionKey]) -> None:
         """Write this worker's counts (of `keys` and of their models) into its rows."""
@@ -123,7 +124,7 @@ class CountsPool:
         ]  # fmt: skip
 
     def _members(self) -> SharedCounts:
-        return self._segment("members", MEMBER_COLUMNS)
+        return self.segment("members", MEMBER_COLUMNS)
 
     def _read(
         self, into: Counters, keys: Iterable[VersionKey], rows: _Rows, *, reloads: bool = True

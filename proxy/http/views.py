@@ -216,6 +216,7 @@ def _monitoring_summary(vw: VersionWatch) -> dict[str, Any]:
             "chi2_p": _round(j.chi2_p),
         }
     doc["drift"] = drift
+    doc["rows_seen"] = int(mon.cumulative[0])  # every row binned (all workers' under workers = N)
     doc["levels"] = {k[0]: lv for k, lv in mon.levels.items() if lv != "ok"}
     doc["rates"] = mon.rates()
     return doc

@@ -26,6 +26,11 @@ SUBWINDOWS = 10  # a window is a ring of this many sub-windows
 FLUSH_ROWS = 1024  # rows buffered before they are binned (amortises numpy's per-call cost)
 Level = Literal["ok", "warn", "alert"]
 Kind = Literal["sudden", "gradual"]
+# How a monitor gets its counts (`workers = N`, DESIGN section 7): "local" bins the rows it
+# records and judges its windows (one process); "worker" bins rows into `cumulative` only (its
+# supervisor pools every worker's and judges); "pooled" records no rows: `advance` is given the
+# group's cumulative counts and judges windows made of them.
+Role = Literal["local", "worker", "pooled"]
 
 # Layout of the scalar counters at the start of every count vector.
 ROWS, OUT_OF_RANGE, N_SCALARS = 0, 1, 2
@@ -99,6 +104,7 @@ class VersionMonitor:
     psi_warn: float
     psi_alert: float
     duplicate_memory: int = 4096
+    role: Role = "local"
     layout: Layout = field(init=False)
     short: Window = field(init=False)
     long: Window = field(init=False)
@@ -117,8 +123,10 @@ class VersionMonitor:
 
     def __post_init__(self) -> None:
         self.layout = Layout(self.baseline)
-        self.short = Window(self.window_rows, self.layout.size)
-        self.long = Window(self.long_window_rows, self.layout.size)
+        # pooled windows are made of shares of an interval's counts (`advance`): fractional
+        dtype = np.float64 if self.role == "pooled" else np.int64
+        self.short = Window(self.window_rows, self.layout.size, dtype)
+        self.long = Window(self.long_window_rows, self.layout.size, dtype)
         self.cumulative = np.zeros(self.layout.size, dtype=np.int64)
         # Bin once FLUSH_ROWS rows wait, or half a window's (a judgement is never later than that)
         self._due = max(1, min(FLUSH_ROWS, self.window_rows // 2))
@@ -171,6 +179,8 @@ class VersionMonitor:
         if lengths:  # every chunk binned in one pass, then folded in turn
             for counts in self.count(x[:start], {k: v[:start] for k, v in outs.items()}, lengths):
                 self.cumulative += counts
+                if self.role == "worker":
+                    continue  # the supervisor judges the pooled counts
                 if self.long.add(counts) and self.long.full:
                     self._long_scores = self.scores(self.long.total)  # moves slowly
                 if self.short.add(counts):
@@ -180,6 +190,41 @@ class VersionMonitor:
             self.pending_rows = n - start
         else:
             self.pending, self.pending_rows = [], 0
+        return events
+
+    def advance(self, total: Array) -> list[DriftEvent]:
+        """A pooled monitor's step: `total` is the group's cumulative counts now (every
+        worker's `cumulative`, summed); what they grew by since the last step is folded into
+        the windows in shares that end where each sub-window ends, so a window still holds
+        `window` rows when it is judged. Rows within one step are taken as alike (their
+        order inside the interval is not known). Judges each sub-window that completes."""
+        delta = (total - self.cumulative).astype(np.float64)
+        if delta[ROWS] < 0 or (delta < 0).any():
+            self.cumulative = total.copy()  # a worker started over (not ours to judge twice)
+            return []
+        self.cumulative = total.copy()
+        events: list[DriftEvent] = []
+        rows = float(delta[ROWS])
+        # A step that holds more than a short window's worth: what the ring would push out
+        # again before judging goes to the long window in one share.
+        skip = rows - (SUBWINDOWS + 1) * self.short.sub_rows
+        if skip > 0:
+            share = delta * (skip / rows)
+            share[ROWS] = skip
+            self.long.add(share)
+            delta -= share
+            rows -= skip
+        while rows > 0:
+            need = self.short.sub_rows - float(self.short.current[ROWS])
+            take = min(need, rows)
+            share = delta * (take / rows)
+            share[ROWS] = take
+            delta -= share
+            delta[ROWS] = rows = rows - take
+            if self.long.add(share) and self.long.full:
+                self._long_scores = self.scores(self.long.total)
+            if self.short.add(share):
+                events += self.judge()
         return events
 
     def count(self, x: Array, outputs: dict[str, Array], lengths: list[int]) -> Array:
@@ -255,18 +300,18 @@ class VersionMonitor:
         if b.classes is not None and b.label_fractions is not None and b.prob_fractions is not None:
             lab_e = np.zeros((1, w))
             lab_e[0, : lay.n_classes] = b.label_fractions
-            lab_o = np.zeros((1, w), dtype=np.int64)
+            lab_o = np.zeros((1, w), dtype=counts.dtype)
             lab_o[0, : lay.n_classes] = counts[lay.labels]
             pe = np.zeros((lay.n_classes, w))
             pe[:, : lay.prob_bins] = b.prob_fractions
-            po = np.zeros((lay.n_classes, w), dtype=np.int64)
+            po = np.zeros((lay.n_classes, w), dtype=counts.dtype)
             po[:, : lay.prob_bins] = counts[lay.probs].reshape(lay.n_classes, lay.prob_bins)
             exp += [lab_e, pe]
             obs += [lab_o, po]
         elif b.var_fractions is not None:
             ve = np.zeros((1, w))
             ve[0, : lay.var_width] = b.var_fractions
-            vo = np.zeros((1, w), dtype=np.int64)
+            vo = np.zeros((1, w), dtype=counts.dtype)
             vo[0, : lay.var_width] = counts[lay.variable]
             exp.append(ve)
             obs.append(vo)
@@ -276,7 +321,7 @@ class VersionMonitor:
         expected, observed = self._distributions(counts)
         b, lay = self.baseline, self.layout
         labels = None if b.label_fractions is None else counts[lay.labels].copy()
-        return Judgement(int(counts[ROWS]), expected, observed, b.label_fractions, labels)
+        return Judgement(round(counts[ROWS]), expected, observed, b.label_fractions, labels)
 
     def judge(self) -> list[DriftEvent]:
         """Score both windows (when full) and return the distributions whose level changed."""

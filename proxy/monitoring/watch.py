@@ -19,7 +19,7 @@ from proxy.monitoring.baseline import Baseline
 from proxy.monitoring.feedback import AccuracyTracker, PredictionStore
 from proxy.monitoring.history import HISTORY_EVERY_S, History
 from proxy.monitoring.overload import OverloadWatch
-from proxy.monitoring.tracker import DriftEvent, VersionMonitor
+from proxy.monitoring.tracker import DriftEvent, Role, VersionMonitor
 from proxy.protocol.feedback import Classes, Truths, Values
 from proxy.protocol.ids import RequestIds
 
@@ -106,8 +106,11 @@ class Watch:
     Judging happens on the record path (`observe`, `join`) and in `housekeeping`, never when
     something is read: a scrape or a status page cannot fire an alert."""
 
-    def __init__(self, alerts: Alerts, counters: Counters, *, ids: RequestIds) -> None:
+    def __init__(
+        self, alerts: Alerts, counters: Counters, *, ids: RequestIds, role: Role = "local"
+    ) -> None:
         self.alerts = alerts
+        self.role = role  # how its monitors get their counts (tracker.Role)
         self._counters = counters
         self._ids = ids  # made the ids of requests that came without one
         self.versions: dict[VersionKey, VersionWatch] = {}
@@ -132,7 +135,7 @@ class Watch:
                 key = VersionKey(name, version)
                 vw = self.versions.get(key)
                 if vw is None or vw.drift != d:
-                    vw = self.versions[key] = _version_watch(key, d, backend.manifest)
+                    vw = self.versions[key] = _version_watch(key, d, backend.manifest, self.role)
                 observer = functools.partial(self.observe, key) if vw.monitor is not None else None
                 # Only what a version answers is monitored: mirrored rows are the primary's
                 # inputs, already counted; a mirror is judged by its agreement with the primary.
@@ -171,6 +174,13 @@ class Watch:
                     f"{e.name} of {vw.key} is back under psi_alert (PSI {e.value:.3f}, {e.level})",
                     value=round(e.value, 6),
                 )
+
+    def advance(self, key: VersionKey, total: Array) -> None:
+        """A pooled monitor's step: the group's cumulative counts of `key` now (the supervisor
+        of `workers = N` judges every worker's traffic as one)."""
+        vw = self.versions.get(key)
+        if vw is not None and vw.monitor is not None:
+            self._drift_events(vw, vw.monitor.advance(total))
 
     def flush(self) -> None:
         """Bin every buffered row now and judge the windows (housekeeping's first step)."""
@@ -334,13 +344,13 @@ def _truths(model: str, versions: Iterable[WatchedVersion]) -> Truths:
 
 
 def _version_watch(
-    key: VersionKey, d: DriftConfig, manifest: WatchedManifest | None
+    key: VersionKey, d: DriftConfig, manifest: WatchedManifest | None, role: Role
 ) -> VersionWatch:
     baseline = manifest.baseline if manifest is not None and d.enabled else None
     monitor = (
         None
         if baseline is None
-        else VersionMonitor(baseline, d.window, d.long_window, d.psi_warn, d.psi_alert)
+        else VersionMonitor(baseline, d.window, d.long_window, d.psi_warn, d.psi_alert, role=role)
     )
     regression = manifest is not None and manifest.regression
     return VersionWatch(

@@ -21,6 +21,7 @@ from proxy.engine.admission import AdaptiveLimit, Admission
 from proxy.engine.counters import Counters
 from proxy.engine.runner import Runners
 from proxy.monitoring.alerts import Alerts
+from proxy.monitoring.tracker import Role
 from proxy.monitoring.watch import Watch
 from proxy.protocol.ids import RequestIds
 from proxy.runtime.current import Current
@@ -90,12 +91,15 @@ async def create_serving(
     rng: random.Random | None = None,
     onnx_threads: int = 2,
     worker: int | None = None,
+    pooled: bool = False,
 ) -> Serving:
     """Build the run threads, the shared HTTP client and the first plan; the caller closes it.
 
     `worker`: this is worker `worker` of a supervisor, which alone decides and records
     rollouts and posts alerts: the state file is read, never written; audit entries say which
-    worker wrote them; no webhook is posted from here."""
+    worker wrote them; no webhook is posted from here, and its monitors only count (the
+    supervisor judges). `pooled`: this is that supervisor, whose monitors judge the workers'
+    pooled counts."""
     runners = Runners.create(onnx_threads)
     http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256))
     counters = Counters()
@@ -105,7 +109,9 @@ async def create_serving(
         await http.close()
         runners.close()
         raise
-    serving = _wire(plan, runners=runners, http=http, counters=counters, rng=rng, worker=worker)
+    serving = _wire(
+        plan, runners=runners, http=http, counters=counters, rng=rng, worker=worker, pooled=pooled
+    )
     if serving.state.load_error:
         serving.reloader.last_error = serving.state.load_error
     start_plan(plan)
@@ -123,6 +129,7 @@ def _wire(
     counters: Counters,
     rng: random.Random | None,
     worker: int | None,
+    pooled: bool,
 ) -> Serving:
     """Make the parts and hand each the others it uses."""
     clock = asyncio.get_running_loop().time
@@ -137,7 +144,8 @@ def _wire(
         limit=AdaptiveLimit(ceiling=limits.max_inflight, adaptive=limits.adaptive),
         deadline_s=limits.queue_timeout_ms / 1000.0,
     )
-    watch = Watch(alerts, counters, ids=ids)
+    role: Role = "worker" if worker is not None else "pooled" if pooled else "local"
+    watch = Watch(alerts, counters, ids=ids, role=role)
     webhooks = Webhooks(alerts, http, tasks)
     rollouts = Rollouts(
         plan=lambda: current.plan, watch=watch, state=state, audit=audit, alerts=alerts, clock=clock
