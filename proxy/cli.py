@@ -28,7 +28,7 @@ PACKAGE_EXTRA = "pip install 'mlproxy[package]'"
 log = logging.getLogger("proxy.cli")
 
 # `workers` other than 1 runs a supervisor and N workers only with this set to 1: a preview
-# until drift windows, feedback joins and rollout weights are pooled too (issue 11).
+# until the rest of issue 11 (per-worker alerts, the efficiency bench) is in.
 PREVIEW_WORKERS = "MLPROXY_PREVIEW_WORKERS"
 WORKER_FAILED_START = 3
 PR_SET_PDEATHSIG = 1  # prctl(2)
@@ -90,9 +90,8 @@ def _supervise(config: Config) -> int:
 
     n = worker_count(config.server.workers)
     log.warning(
-        "%s=1: serving with %d worker processes (a preview: counters, latency and mirror"
-        " comparisons are pooled across workers; drift windows, feedback joins and rollout"
-        " weights are still per worker, see docs/scaling.md)",
+        "%s=1: serving with %d worker processes (a preview: duplicate-row and overload alerts"
+        " and admission stay per worker, see docs/scaling.md)",
         PREVIEW_WORKERS,
         n,
     )
@@ -134,7 +133,7 @@ def _worker(args: argparse.Namespace) -> int:
     )
     try:
         uvloop.run(_serve_tuned(config, worker))
-    except (ConfigError, OSError) as exc:
+    except (ConfigError, OSError, SharedCountsError) as exc:
         print(f"mlproxy worker {args.slot}: cannot start: {exc}", file=sys.stderr)
         return WORKER_FAILED_START
     return 0

@@ -110,6 +110,7 @@ async def supervise(
     fds = [s.fileno() for s in socks]
     pool = CountsPool(group, slots=workers, slot=0)  # the supervisor only reads
     decisions = SharedDecisions(group)
+    pooled.make_secret(pool)
     serving: Serving | None = None
     procs: Workers | None = None
     admin_runner: web.AppRunner | None = None

@@ -62,7 +62,7 @@ async def serve(
     if worker is None:
         serving = await create_serving(config)
     else:
-        serving = await create_serving(config, worker=worker.slot, onnx_threads=worker.onnx_threads)
+        serving = await create_serving(config, worker=worker.pool, onnx_threads=worker.onnx_threads)
         # count on from what this slot's predecessor published: the group's counts never
         # go backwards when a worker is restarted
         worker.pool.adopt(serving.counters, serving.counters.version_keys())
@@ -136,6 +136,7 @@ def _publisher(serving: Serving, worker: Worker) -> Callable[[], None]:
     def publish() -> None:
         worker.decisions.follow(serving.rollouts)
         pooled.publish(worker.pool, serving.watch)
+        pooled.publish_ids(worker.pool, serving.ids)
         worker.pool.publish(serving.counters, serving.counters.version_keys())
         c = serving.counters
         worker.pool.publish_member(

@@ -165,6 +165,8 @@ async def test_two_workers_pool_counts_survive_a_kill_and_converge_on_sighup(
             assert await _send(http, port, cancer_rows, 100) == 100
             workers = [w["pid"] for w in (await _status(http, admin))["workers"]]
     assert served.proc.returncode == 0, served.output
+    for noise in ("Traceback", "resource_tracker"):
+        assert noise not in served.output, served.output
     assert owned_by(supervisor) == [], "shared memory left behind"
     for pid in workers:
         assert not os.path.exists(f"/proc/{pid}") or _zombie(pid), f"worker {pid} outlived"
@@ -259,3 +261,56 @@ async def _monitor_rows(http: aiohttp.ClientSession, admin: int) -> int:
     """Rows the supervisor's monitor of cancer/v1 has pooled so far."""
     v1 = (await _status(http, admin))["models"]["cancer"]["versions"]["v1"]
     return int(v1["monitoring"]["rows_seen"])
+
+
+async def test_feedback_joins_across_workers(
+    tmp_path: Path, model_repo: Path, cancer_rows: np.ndarray[Any, Any]
+) -> None:
+    """Answers from both workers, each on a new connection (so the kernel spreads them), and
+    feedback for each on a new connection too: about half reach the other worker than the
+    answer's, and every one joins (per-worker stores would answer those 404), once; the
+    pooled labelled rows count them all."""
+    port, admin = free_port(), free_port()
+    path = shipped_config(tmp_path, model_repo, port=port, admin=admin, workers=2)
+    path.write_text(path.read_text().replace('mode = "canary"', 'mode = "single"', 1))
+    base = f"http://127.0.0.1:{port}/v2/models/cancer"
+    n = 120
+    with serve_process(path, port, env=PREVIEW):
+        connector = aiohttp.TCPConnector(force_close=True)
+        async with aiohttp.ClientSession(connector=connector) as http:
+
+            async def ready() -> bool:
+                ws = (await _status(http, admin))["workers"]
+                return len(ws) == 2 and all(w["digest"] for w in ws)
+
+            await until(ready, "both workers serve", timeout=30)
+            answers = []
+            for i in range(n):
+                body = infer_body(cancer_rows[i : i + 1])
+                if i % 3 == 0:
+                    body["id"] = f"client-{i}"  # the client's own id: found by hash
+                async with http.post(f"{base}/infer", json=body) as resp:
+                    assert resp.status == 200, await resp.text()
+                    doc = await resp.json()
+                answers.append((doc["id"], int(np.asarray(doc["outputs"][0]["data"])[0])))
+
+            async def counted() -> bool:
+                return sum(w["requests"] for w in (await _status(http, admin))["workers"]) == n
+
+            await until(counted, f"the workers publish {n} requests")
+            status = await _status(http, admin)
+            assert all(w["requests"] > 0 for w in status["workers"]), status["workers"]
+            for rid, label in answers:
+                async with http.post(f"{base}/feedback", json={"id": rid, "label": label}) as r:
+                    assert r.status == 200, (rid, await r.text())
+            rid, label = answers[0]
+            async with http.post(f"{base}/feedback", json={"id": rid, "label": label}) as r:
+                assert r.status == 404  # joined once
+
+            async def all_labelled() -> bool:
+                v1 = (await _status(http, admin))["models"]["cancer"]["versions"]["v1"]
+                return bool(v1["monitoring"]["accuracy"]["labelled_rows"] == n)
+
+            await until(all_labelled, f"the supervisor counts {n} labelled rows")
+            v1 = (await _status(http, admin))["models"]["cancer"]["versions"]["v1"]
+            assert v1["monitoring"]["accuracy"]["short"] == 1.0  # every label was the answer

@@ -68,14 +68,16 @@ async def keep_sending(port: int, request: bytes, tally: Tally, stop_at: float) 
         tally.refused += 1
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 async def test_sigterm_under_keepalive_load_loses_no_request(
-    tmp_path: Path, model_repo: Path, cancer_rows: Any
+    tmp_path: Path, model_repo: Path, cancer_rows: Any, workers: int
 ) -> None:
+    """One process, or a supervisor and two workers (each drains its own connections)."""
     port = free_port()
     base = BASE_CONFIG.format(max_body=4194304, max_inflight=512)
     path = tmp_path / "config.toml"
     path.write_text(
-        base.replace("port = 0", f"port = {port}")
+        base.replace("port = 0", f"port = {port}\nworkers = {workers}")
         + f"[admin]\nport = {free_port()}\n"
         + model_section(repo=model_repo)
     )
@@ -85,7 +87,11 @@ async def test_sigterm_under_keepalive_load_loses_no_request(
         b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
     )
     tally = Tally(statuses={})
-    with serve_process(path, port) as served:
+    env = {"MLPROXY_PREVIEW_WORKERS": "1"} if workers > 1 else None
+    with serve_process(path, port, env=env) as served:
+        if workers > 1:  # the supervisor logs "serving" before its workers listen
+            for _ in range(workers):
+                served.wait_for_line("serving " + str(path), timeout=30)
         stop_at = time.monotonic() + 60
         clients = [
             asyncio.create_task(keep_sending(port, request, tally, stop_at))

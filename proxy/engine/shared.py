@@ -11,8 +11,8 @@ Ownership: the supervisor `create`s every segment and `unlink`s it when it exits
 `attach` and only `close`. A worker killed with -9 therefore leaves nothing behind (its row
 stays, summed like any other, and the restarted worker takes the same slot and goes on adding).
 Names carry the owner's pid (`mlproxy-<pid>-<tag>`), so `sweep_stale` can remove what an owner
-killed with -9 left, the next time one starts (Python's resource tracker also unlinks the
-owner's segments when the owner dies, unless it was killed with it).
+killed with -9 left, the next time one starts (no process's resource tracker is let remove
+them: see `_untrack`).
 """
 
 from __future__ import annotations
@@ -76,8 +76,7 @@ class SharedCounts:
             stale.close()
             stale.unlink()
             shm = shared_memory.SharedMemory(name=name, create=True, size=size)
-        if owner != me:
-            _untrack(shm)
+        _untrack(shm)
         counts = cls(shm, slots=slots, columns=columns)
         counts._rows[:] = 0
         counts._header[1:] = (slots, columns, owner)
@@ -117,10 +116,8 @@ class SharedCounts:
             raise SharedCountsError(f"shared memory segment {name} is still being made")
         header: Array = np.ndarray((HEADER,), dtype=np.int64, buffer=shm.buf)
         found = (int(header[0]), int(header[1]), int(header[2]))
-        owner = int(header[3])
         del header
-        if owner != os.getpid():
-            _untrack(shm)
+        _untrack(shm)
         if found != (MAGIC, slots, columns):
             shm.close()
             raise SharedCountsError(
@@ -156,17 +153,19 @@ class SharedCounts:
 
     def unlink(self) -> None:
         """Remove the segment's name (the owner, once every worker is gone); then close."""
-        shm = self._shm
+        name = self.name
         self.close()
         try:
-            shm.unlink()
+            (SHM_DIR / name.lstrip("/")).unlink()
         except FileNotFoundError:
             pass
 
 
 def _untrack(shm: shared_memory.SharedMemory) -> None:
     """Python 3.11 registers every segment a process makes or attaches with that process's
-    resource tracker, which unlinks it when the process exits: not ours to remove."""
+    resource tracker, which unlinks it when that process exits: a worker's exit would remove
+    the group's segment in use. Ours are removed by their owner (`unlink`, `unlink_owned`) and,
+    after an owner killed with -9, by the next `sweep_stale`; never by a tracker."""
     resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
 
 

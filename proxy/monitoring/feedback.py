@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,6 +106,9 @@ class PredictionStore:
     def pop(self, request_id: str) -> Prediction | None:
         return self.get(request_id, remove=True)
 
+    def know(self, versions: Iterable[str]) -> None:
+        """Nothing to learn: this store keeps version names as they are."""
+
     def __len__(self) -> int:
         return len(self._slot) + self._seq_live
 
@@ -138,6 +142,21 @@ class AccuracyTracker:
         self.total += counts
         self.long.add(counts)
         self.short.add(counts)
+
+    def advance(self, total: Array) -> bool:
+        """A pooled tracker's step (`workers = N`): `total` is the group's [rows, correct] (or
+        [rows, sum of |error|]) now; what it grew by is folded into the windows. True when
+        there was something new."""
+        delta = total - self.total
+        if delta[0] < 0 or (delta < 0).any():
+            self.total = total.astype(self.total.dtype)  # a worker started over
+            return False
+        if delta[0] == 0:
+            return False
+        self.total = total.astype(self.total.dtype)
+        self.long.add(delta)
+        self.short.add(delta)
+        return True
 
     def _score(self, which: str) -> float | None:
         w = self.short if which == "short" else self.long

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -16,7 +16,7 @@ from proxy.engine.stats import VersionStats
 from proxy.errors import InvalidFeedbackError, PredictionNotFoundError
 from proxy.monitoring.alerts import AlertKind, Alerts
 from proxy.monitoring.baseline import Baseline
-from proxy.monitoring.feedback import AccuracyTracker, PredictionStore
+from proxy.monitoring.feedback import AccuracyTracker, Prediction, PredictionStore
 from proxy.monitoring.history import HISTORY_EVERY_S, History
 from proxy.monitoring.overload import OverloadWatch
 from proxy.monitoring.tracker import DriftEvent, Role, VersionMonitor
@@ -26,6 +26,26 @@ from proxy.protocol.ids import RequestIds
 Array = np.ndarray[Any, Any]
 DUPLICATE_ALERT = 0.2  # one identical row taking this share of recent rows: a stuck client
 DUPLICATE_CLEAR = 0.1
+
+
+class Store(Protocol):
+    """Where predictions wait for feedback (feedback.PredictionStore in one process,
+    shared_store.SharedPredictionStore under `workers = N`)."""
+
+    @property
+    def capacity(self) -> int: ...
+
+    def put(self, request_id: str, version: str, labels: Array, seq: int = -1) -> None: ...
+
+    def get(self, request_id: str, *, remove: bool = False) -> Prediction | None: ...
+
+    def pop(self, request_id: str) -> Prediction | None: ...
+
+    def know(self, versions: Iterable[str]) -> None: ...
+
+
+# model, capacity -> its store
+Stores = Callable[[str, int], Store]
 
 
 class WatchedManifest(Protocol):
@@ -107,14 +127,21 @@ class Watch:
     something is read: a scrape or a status page cannot fire an alert."""
 
     def __init__(
-        self, alerts: Alerts, counters: Counters, *, ids: RequestIds, role: Role = "local"
+        self,
+        alerts: Alerts,
+        counters: Counters,
+        *,
+        ids: RequestIds,
+        role: Role = "local",
+        stores: Stores | None = None,
     ) -> None:
         self.alerts = alerts
         self.role = role  # how its monitors get their counts (tracker.Role)
+        self._stores = stores or (lambda _model, capacity: PredictionStore(capacity, ids))
         self._counters = counters
         self._ids = ids  # made the ids of requests that came without one
         self.versions: dict[VersionKey, VersionWatch] = {}
-        self.predictions: dict[str, PredictionStore] = {}
+        self.predictions: dict[str, Store] = {}
         self._truths: dict[str, Truths] = {}
         self._overload = OverloadWatch(alerts)
         self._next_history = 0.0
@@ -129,7 +156,8 @@ class Watch:
             d = mp.config.drift
             store = self.predictions.get(name)
             if store is None or store.capacity != d.predictions:
-                self.predictions[name] = PredictionStore(d.predictions, self._ids)
+                store = self.predictions[name] = self._stores(name, d.predictions)
+            store.know(mp.backends)
             self._truths[name] = _truths(name, mp.backends.values())
             for version, backend in mp.backends.items():
                 key = VersionKey(name, version)
@@ -231,8 +259,15 @@ class Watch:
         store.pop(request_id)
         vw.accuracy.record(pred.labels, truth)
         self._counters.feedback(model, FeedbackOutcome.JOINED)
-        self._check_accuracy(vw)
+        if self.role == "local":  # under workers = N the supervisor judges the pooled joins
+            self._check_accuracy(vw)
         return Joined(pred.version, int(truth.size))
+
+    def advance_accuracy(self, key: VersionKey, total: Array) -> None:
+        """The supervisor's step: the group's pooled feedback counts of `key` now."""
+        vw = self.versions.get(key)
+        if vw is not None and vw.accuracy.advance(total):
+            self._check_accuracy(vw)
 
     def _check_accuracy(self, vw: VersionWatch) -> None:
         """Fire (or clear) concept drift: short-window accuracy under holdout - accuracy_margin,

@@ -25,23 +25,36 @@ class RequestIds:
     `seq % capacity`); one digest tags 8 counters, so the hash costs an eighth per id.
     """
 
-    def __init__(self, secret: bytes | None = None) -> None:
+    def __init__(self, secret: bytes | None = None, *, start: int = 1, step: int = 1) -> None:
+        """`start`, `step`: the counters this object hands out, start, start + step, ...: the
+        workers of one supervisor share a secret and take the counters of their own residue
+        (worker k of N: k + 1, k + 1 + N, ...), so their ids never collide and any of them can
+        check (and find the owner of) another's."""
+        if start < 1 or step < 1:
+            raise ValueError(f"request id counters start >= 1 and step >= 1, not {start}, {step}")
         key = os.urandom(SECRET_BYTES) if secret is None else secret
         self._mac = hashlib.blake2b(key=key, digest_size=TAG_HEX * TAGS_PER_DIGEST // 2)
-        self._next = 1
+        self._next = start
+        self._step = step
         self._block = -1
         self._tags = ""
 
     def new(self) -> tuple[str, int]:
         """A fresh id and the counter behind it."""
         seq = self._next
-        self._next = seq + 1
+        self._next = seq + self._step
         block = seq >> 3
         if block != self._block:
             self._tags = self._digest(block)
             self._block = block
         at = (seq & 7) << 4
         return f"{seq}-{self._tags[at : at + 16]}", seq
+
+    @property
+    def next_seq(self) -> int:
+        """The counter the next `new` hands out (a worker publishes it: its successor in the
+        slot starts past it)."""
+        return self._next
 
     def seq_of(self, request_id: str) -> int | None:
         """The counter of an id that `new` (of this object) made, else None."""

@@ -19,6 +19,7 @@ import aiohttp
 from proxy.config.schema import Config
 from proxy.engine.admission import AdaptiveLimit, Admission
 from proxy.engine.counters import Counters
+from proxy.engine.pool import CountsPool
 from proxy.engine.runner import Runners
 from proxy.monitoring.alerts import Alerts
 from proxy.monitoring.tracker import Role
@@ -28,6 +29,7 @@ from proxy.runtime.current import Current
 from proxy.runtime.group import Group
 from proxy.runtime.load import LoopLoad
 from proxy.runtime.plan import Plan, close_plan, create_plan, start_plan
+from proxy.runtime.pooled import prediction_stores, request_ids
 from proxy.runtime.reloader import Reloader
 from proxy.runtime.rollouts import Rollouts
 from proxy.runtime.scheduler import Scheduler
@@ -90,16 +92,17 @@ async def create_serving(
     *,
     rng: random.Random | None = None,
     onnx_threads: int = 2,
-    worker: int | None = None,
+    worker: CountsPool | None = None,
     pooled: bool = False,
 ) -> Serving:
     """Build the run threads, the shared HTTP client and the first plan; the caller closes it.
 
-    `worker`: this is worker `worker` of a supervisor, which alone decides and records
+    `worker`: this is worker `worker.slot` of a supervisor, which alone decides and records
     rollouts and posts alerts: the state file is read, never written; audit entries say which
     worker wrote them; no webhook is posted from here, and its monitors only count (the
-    supervisor judges). `pooled`: this is that supervisor, whose monitors judge the workers'
-    pooled counts."""
+    supervisor judges); its request ids and predictions are the group's (any worker joins
+    feedback for any worker's answer). `pooled`: this is that supervisor, whose monitors judge
+    the workers' pooled counts."""
     runners = Runners.create(onnx_threads)
     http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256))
     counters = Counters()
@@ -128,7 +131,7 @@ def _wire(
     http: aiohttp.ClientSession,
     counters: Counters,
     rng: random.Random | None,
-    worker: int | None,
+    worker: CountsPool | None,
     pooled: bool,
 ) -> Serving:
     """Make the parts and hand each the others it uses."""
@@ -136,16 +139,17 @@ def _wire(
     writer = Writer()
     state_path, audit_path = state_paths(plan.config)
     state = StateFile(state_path, writer, read_only=worker is not None)
-    audit = AuditLog(audit_path, writer, fields=None if worker is None else {"worker": worker})
+    audit = AuditLog(audit_path, writer, fields=None if worker is None else {"worker": worker.slot})
     alerts, tasks, current, load = Alerts(), Tasks(), Current(plan), LoopLoad()
-    ids = RequestIds()
+    ids = RequestIds() if worker is None else request_ids(worker)
     limits = plan.config.limits
     admission: Admission[Any] = Admission(
         limit=AdaptiveLimit(ceiling=limits.max_inflight, adaptive=limits.adaptive),
         deadline_s=limits.queue_timeout_ms / 1000.0,
     )
     role: Role = "worker" if worker is not None else "pooled" if pooled else "local"
-    watch = Watch(alerts, counters, ids=ids, role=role)
+    stores = None if worker is None else prediction_stores(worker, ids)
+    watch = Watch(alerts, counters, ids=ids, role=role, stores=stores)
     webhooks = Webhooks(alerts, http, tasks)
     rollouts = Rollouts(
         plan=lambda: current.plan, watch=watch, state=state, audit=audit, alerts=alerts, clock=clock
