@@ -14,6 +14,7 @@ from typing import Any
 
 import aiohttp
 import numpy as np
+import orjson
 
 from proxy.config.load import load_config
 from proxy.engine.shared import owned_by
@@ -314,3 +315,72 @@ async def test_feedback_joins_across_workers(
             await until(all_labelled, f"the supervisor counts {n} labelled rows")
             v1 = (await _status(http, admin))["models"]["cancer"]["versions"]["v1"]
             assert v1["monitoring"]["accuracy"]["short"] == 1.0  # every label was the answer
+
+
+async def test_kill_9_of_a_worker_under_load_fails_only_its_in_flight_requests(
+    tmp_path: Path, model_repo: Path, cancer_rows: np.ndarray[Any, Any]
+) -> None:
+    """32 keep-alive clients, each with one request in flight at a time; one worker is killed
+    with -9 mid-load. A client whose connection dies with it loses at most the one request it
+    had in flight, reconnects and goes on: every other request is answered 200, the killed
+    worker is restarted, and no request is refused."""
+    port, admin = free_port(), free_port()
+    path = shipped_config(tmp_path, model_repo, port=port, admin=admin, workers=2)
+    body = orjson.dumps(infer_body(cancer_rows[:1]))
+    request = (
+        b"POST /v2/models/cancer/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    answered: dict[int, int] = {}
+    lost = 0
+    stop = asyncio.Event()
+
+    async def client() -> None:
+        nonlocal lost
+        for _ in range(1000):  # connections, bounded
+            if stop.is_set():
+                return
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            try:
+                for _ in range(100_000):
+                    if stop.is_set():
+                        return
+                    writer.write(request)
+                    try:
+                        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 20)
+                        n = int(head.lower().split(b"content-length:", 1)[1].split(b"\r\n")[0])
+                        await reader.readexactly(n)
+                    except (asyncio.IncompleteReadError, ConnectionError):
+                        lost += 1
+                        break  # reconnect
+                    status = int(head.split(b" ", 2)[1])
+                    answered[status] = answered.get(status, 0) + 1
+            finally:
+                writer.close()
+
+    with serve_process(path, port, env=PREVIEW) as served:
+        async with aiohttp.ClientSession() as http:
+
+            async def ready() -> bool:
+                ws = (await _status(http, admin))["workers"]
+                return len(ws) == 2 and all(w["digest"] for w in ws)
+
+            await until(ready, "both workers serve", timeout=30)
+            victim = {w["slot"]: w["pid"] for w in (await _status(http, admin))["workers"]}[1]
+            clients = [asyncio.create_task(client()) for _ in range(CONNECTIONS)]
+            await until(lambda: sum(answered.values()) >= 2000, "the load is going")
+            os.kill(victim, signal.SIGKILL)
+
+            async def restarted() -> bool:
+                ws = {w["slot"]: w for w in (await _status(http, admin))["workers"]}
+                return 1 in ws and ws[1]["pid"] != victim and ws[1]["digest"] is not None
+
+            await until(restarted, "the killed worker is restarted", timeout=30)
+            before = sum(answered.values())
+            await until(lambda: sum(answered.values()) >= before + 2000, "load after restart")
+            stop.set()
+            await asyncio.wait_for(asyncio.gather(*clients), 30)
+    print(f"lost {lost} of {sum(answered.values()) + lost} requests")  # shown with -s
+    assert lost <= CONNECTIONS, (lost, served.output[-2000:])
+    assert set(answered) == {200}, answered
+    assert "Traceback" not in served.output
